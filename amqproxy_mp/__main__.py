@@ -1,0 +1,3 @@
+from amqproxy_mp.cli import main
+
+raise SystemExit(main())
