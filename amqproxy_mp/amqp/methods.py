@@ -1,0 +1,109 @@
+"""The few AMQP methods the proxy decodes or originates, through pamqp.
+
+Everything else crosses the proxy as opaque bytes; methods are re-encoded only
+when the proxy itself is the speaker (handshakes, closes, heartbeats).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final
+
+from pamqp import commands, decode
+from pamqp import frame as pamqp_frame
+from pamqp.base import Frame as Method
+
+from amqproxy_mp.amqp.frames import METHOD_ID, FrameError
+
+__all__ = [
+    "Method",
+    "commands",
+    "decode_method",
+    "encode_method",
+    "parse_sasl_response",
+]
+
+# class << 16 | method, for the methods the data path recognises by id.
+CONNECTION_START: Final = 0x000A000A
+CONNECTION_START_OK: Final = 0x000A000B
+CONNECTION_TUNE: Final = 0x000A001E
+CONNECTION_TUNE_OK: Final = 0x000A001F
+CONNECTION_OPEN: Final = 0x000A0028
+CONNECTION_OPEN_OK: Final = 0x000A0029
+CONNECTION_CLOSE: Final = 0x000A0032
+CONNECTION_CLOSE_OK: Final = 0x000A0033
+CONNECTION_BLOCKED: Final = 0x000A003C
+CONNECTION_UNBLOCKED: Final = 0x000A003D
+CONNECTION_UPDATE_SECRET: Final = 0x000A0046
+CHANNEL_OPEN: Final = 0x0014000A
+CHANNEL_OPEN_OK: Final = 0x0014000B
+CHANNEL_CLOSE: Final = 0x00140028
+CHANNEL_CLOSE_OK: Final = 0x00140029
+BASIC_PUBLISH: Final = 0x003C0028
+
+CONNECTION_CLASS: Final = 10
+
+# AMQP reply codes the proxy itself sends.
+REPLY_SUCCESS: Final = 200
+CONNECTION_FORCED: Final = 320
+ACCESS_REFUSED: Final = 403
+NOT_ALLOWED: Final = 530
+FRAME_ERROR: Final = 501
+SYNTAX_ERROR: Final = 502
+COMMAND_INVALID: Final = 503
+CHANNEL_ERROR: Final = 504
+UNEXPECTED_FRAME: Final = 505
+NOT_IMPLEMENTED: Final = 540
+INTERNAL_ERROR: Final = 541
+
+
+def decode_method(payload: bytes | memoryview) -> Method:
+    """Decode a method frame's payload; a malformed one is the peer's syntax error."""
+    index = METHOD_ID.unpack_from(payload)[0]
+    try:
+        method: Method = commands.INDEX_MAPPING[index]()
+    except KeyError:
+        raise FrameError(
+            COMMAND_INVALID, f"COMMAND_INVALID - unknown method {index >> 16}.{index & 0xFFFF}"
+        ) from None
+    try:
+        method.unmarshal(bytes(payload[4:]))
+    except (struct.error, ValueError, TypeError, IndexError) as exc:
+        raise FrameError(SYNTAX_ERROR, f"SYNTAX_ERROR - malformed {method.name}: {exc}") from None
+    return method
+
+
+def encode_method(channel: int, method: Method) -> bytes:
+    """Encode a method the proxy originates as one frame."""
+    return bytes(pamqp_frame.marshal(method, channel))
+
+
+def parse_sasl_response(mechanism: str, response: str | bytes) -> tuple[str, str]:
+    """Extract (user, password) from a PLAIN or AMQPLAIN StartOk response.
+
+    Raises ValueError with a client-facing reason when the response is unusable.
+    """
+    raw = response.encode("utf-8") if isinstance(response, str) else bytes(response)
+    if mechanism == "PLAIN":
+        parts = raw.split(b"\x00")
+        if len(parts) != 3:
+            raise ValueError("malformed PLAIN response")
+        user, password = parts[1], parts[2]
+    elif mechanism == "AMQPLAIN":
+        # AMQPLAIN is a field table without its 4-byte length prefix.
+        table: dict[str, Any]
+        try:
+            _, table = decode.field_table(struct.pack(">I", len(raw)) + raw)
+        except (ValueError, struct.error) as exc:
+            raise ValueError(f"malformed AMQPLAIN response: {exc}") from None
+        login, secret = table.get("LOGIN"), table.get("PASSWORD")
+        if login is None or secret is None:
+            raise ValueError("AMQPLAIN response lacks LOGIN or PASSWORD")
+        user = login.encode() if isinstance(login, str) else bytes(login)
+        password = secret.encode() if isinstance(secret, str) else bytes(secret)
+    else:
+        raise ValueError(f"unsupported mechanism {mechanism!r}")
+    try:
+        return user.decode("utf-8"), password.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("credentials are not valid UTF-8") from None

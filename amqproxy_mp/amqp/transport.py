@@ -1,0 +1,146 @@
+"""A frame-oriented asyncio Protocol shared by both hops (client side and upstream side).
+
+It splits the byte stream into frames in place, batches what is sent to the peer
+into one write per event-loop iteration, and records the read/write times that
+heartbeats are based on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Final
+
+from amqproxy_mp.amqp.frames import (
+    FRAME_END,
+    FRAME_HEADER,
+    HEADER_SIZE,
+    HEARTBEAT_FRAME,
+    MIN_FRAME_MAX,
+    OVERHEAD,
+    FrameError,
+)
+
+DEFAULT_FRAME_MAX: Final = 131072
+
+
+class FramedProtocol(asyncio.Protocol):
+    """Base for ClientSession and UpstreamConnection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        #: The largest frame this side accepts from its peer (negotiated in Tune).
+        self.frame_max = MIN_FRAME_MAX
+        #: Heartbeat interval agreed with the peer, 0 = none.
+        self.heartbeat = 0
+        self.last_read = self.last_write = time.monotonic()
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        #: While True, received bytes are kept but not parsed (an async step is under way).
+        self._parsing_paused = False
+        self.closed = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.last_read = time.monotonic()
+        self._buf += data
+        if not self._parsing_paused:
+            self._parse()
+
+    # --- receiving ----------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        buf = self._buf
+        pos = 0
+        size_limit = self.frame_max - OVERHEAD
+        view = memoryview(buf)
+        try:
+            end_of_data = len(buf)
+            while end_of_data - pos >= HEADER_SIZE and not self.closed:
+                frame_type, channel, size = FRAME_HEADER.unpack_from(buf, pos)
+                if size > size_limit:
+                    raise FrameError(
+                        501,
+                        f"FRAME_ERROR - frame of {size} bytes exceeds frame_max {self.frame_max}",
+                    )
+                end = pos + HEADER_SIZE + size
+                if end >= end_of_data:
+                    break
+                if buf[end] != FRAME_END:
+                    raise FrameError(501, "FRAME_ERROR - frame-end octet missing")
+                self.frame_received(frame_type, channel, view[pos + HEADER_SIZE : end])
+                pos = end + 1
+                if self._parsing_paused:
+                    break
+        except FrameError as exc:
+            pos = len(buf)
+            self.protocol_error(exc)
+        finally:
+            view.release()
+        if pos:
+            del buf[:pos]
+
+    def frame_received(self, frame_type: int, channel: int, payload: memoryview) -> None:
+        raise NotImplementedError
+
+    def protocol_error(self, exc: FrameError) -> None:
+        raise NotImplementedError
+
+    def pause_parsing(self) -> None:
+        """Stop parsing (and reading) until `resume_parsing`, for a step that awaits."""
+        self._parsing_paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_parsing(self) -> None:
+        self._parsing_paused = False
+        if self.closed:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        if self._buf:
+            self._parse()
+
+    # --- sending ------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the peer; everything queued in one loop iteration is one write."""
+        if self.closed:
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+            self.last_write = time.monotonic()
+
+    def send_heartbeat_if_due(self, now: float) -> bool:
+        """Originate a heartbeat on this hop; returns False when the peer has gone silent."""
+        if not self.heartbeat or self.closed:
+            return True
+        if now - self.last_read > 2 * self.heartbeat:
+            return False
+        if now - self.last_write >= self.heartbeat / 2:
+            self.send(HEARTBEAT_FRAME)
+            self.last_write = now
+        return True
+
+    def close_transport(self) -> None:
+        """Send what is queued, then close the socket."""
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,86 @@
+"""Channel mapping: which client channel rides on which upstream channel.
+
+A `ChannelLink` is the one object both sides look up: the client session by its
+own channel number, the upstream connection by the upstream channel number.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from amqproxy_mp.proxy.client import ClientSession
+    from amqproxy_mp.proxy.upstream import UpstreamConnection
+
+# Link states. Plain ints: they are compared on every frame.
+OPEN = 0
+#: The client sent Channel.Close; the broker's CloseOk is awaited.
+CLIENT_CLOSING = 1
+#: The broker closed the channel (and got its CloseOk); the client's CloseOk is awaited.
+BROKER_CLOSED = 2
+#: The client is gone; the upstream channel waits for the broker's CloseOk.
+DETACHED = 3
+
+NO_CONTENT = -1
+HEADER_EXPECTED = -2
+
+
+class ChannelNumbers:
+    """Allocates channel numbers 1..channel_max, lowest free first."""
+
+    def __init__(self, channel_max: int) -> None:
+        self.channel_max = channel_max
+        self._next = 1
+        self._freed: list[int] = []
+        self.in_use = 0
+
+    def allocate(self) -> int | None:
+        if self._freed:
+            number = heapq.heappop(self._freed)
+        elif self._next <= self.channel_max:
+            number = self._next
+            self._next += 1
+        else:
+            return None
+        self.in_use += 1
+        return number
+
+    def release(self, number: int) -> None:
+        heapq.heappush(self._freed, number)
+        self.in_use -= 1
+
+    @property
+    def available(self) -> int:
+        return self.channel_max - self.in_use
+
+
+class ChannelLink:
+    """One client channel mapped onto one upstream channel."""
+
+    __slots__ = (
+        "client",
+        "client_number",
+        "content_expected",
+        "content_parts",
+        "state",
+        "upstream",
+        "upstream_number",
+    )
+
+    def __init__(
+        self,
+        client: ClientSession,
+        client_number: int,
+        upstream: UpstreamConnection,
+        upstream_number: int,
+    ) -> None:
+        self.client: ClientSession | None = client
+        self.client_number = client_number
+        self.upstream = upstream
+        self.upstream_number = upstream_number
+        self.state = OPEN
+        # A publish being assembled: its frames, already re-numbered for upstream.
+        self.content_parts: list[bytes] = []
+        #: NO_CONTENT, HEADER_EXPECTED, or the number of body bytes still missing.
+        self.content_expected = NO_CONTENT

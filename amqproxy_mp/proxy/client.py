@@ -1,0 +1,489 @@
+"""One client connection: the server side of the AMQP handshake and the client half of routing.
+
+The session answers the handshake itself, authenticates the client through its
+pool (an upstream connection for exactly its credentials) before Connection.OpenOk,
+maps each client channel onto a shared upstream channel, and validates what the
+client sends so that nothing it does can make the broker close a connection that
+other clients share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from amqproxy_mp.amqp import methods as m
+from amqproxy_mp.amqp.frames import (
+    BODY,
+    HEADER,
+    HEARTBEAT,
+    METHOD,
+    MIN_FRAME_MAX,
+    OVERHEAD,
+    PROTOCOL_HEADER,
+    FrameError,
+    body_frames,
+    content_body_size,
+    frame,
+    method_id,
+)
+from amqproxy_mp.amqp.methods import commands
+from amqproxy_mp.amqp.transport import DEFAULT_FRAME_MAX, FramedProtocol
+from amqproxy_mp.proxy.channels import (
+    BROKER_CLOSED,
+    CLIENT_CLOSING,
+    HEADER_EXPECTED,
+    NO_CONTENT,
+    OPEN,
+    ChannelLink,
+)
+from amqproxy_mp.proxy.upstream import UpstreamError
+
+if TYPE_CHECKING:
+    from amqproxy_mp.proxy.pool import Pool
+    from amqproxy_mp.proxy.upstream import UpstreamConnection
+    from amqproxy_mp.worker import Worker
+
+log = logging.getLogger(__name__)
+
+CHANNEL_MAX: Final = 2047
+CHANNEL_OPEN_OK_PAYLOAD: Final = b"\x00\x14\x00\x0b\x00\x00\x00\x00"
+CHANNEL_CLOSE_OK_PAYLOAD: Final = b"\x00\x14\x00\x29"
+#: How long a client gets to answer our Connection.Close before its socket is closed.
+CLOSE_OK_TIMEOUT: Final = 5.0
+
+# Session states.
+AWAIT_HEADER, AWAIT_START_OK, AWAIT_TUNE_OK, AWAIT_OPEN, OPENING, ACTIVE, CLOSING, CLOSED = range(8)
+
+
+class ClientSession(FramedProtocol):
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker.loop)
+        self.worker = worker
+        self.state = AWAIT_HEADER
+        self.peer = "?"
+        self.connected_at = time.monotonic()
+        self.user = ""
+        self.vhost = ""
+        self._password = ""
+        self.capabilities: dict[str, Any] = {}
+        self.pool: Pool | None = None
+        self.channels: dict[int, ChannelLink] = {}
+        self.channel_max = CHANNEL_MAX
+        self.frame_max = DEFAULT_FRAME_MAX
+        #: Upstream connections that told us they block publishers.
+        self._blocked_by: set[int] = set()
+        self._close_reason = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- connection lifecycle -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+            self.peer = f"{host}:{peer[1]}"
+        self.worker.sessions.add(self)
+        log.debug("client %s connected", self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._close_reason:
+            self._close_reason = f"connection lost: {exc}" if exc else "client closed the socket"
+        self.state = CLOSED
+        self.closed = True
+        self._release_channels()
+        for task in self._tasks:
+            task.cancel()
+        self.worker.sessions.discard(self)
+        if self.pool is not None:
+            self.pool.clients -= 1
+            self.worker.pools.forget_if_unused(self.pool)
+        if self.pool is not None:
+            log.info(
+                "client %s (user=%r vhost=%r) disconnected after %.1f s: %s",
+                self.peer,
+                self.user,
+                self.vhost,
+                time.monotonic() - self.connected_at,
+                self._close_reason,
+            )
+        else:
+            log.info("client %s disconnected during handshake: %s", self.peer, self._close_reason)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state != AWAIT_HEADER:
+            super().data_received(data)
+            return
+        self._buf += data
+        got = bytes(self._buf[:8])
+        if got != PROTOCOL_HEADER[: len(got)]:
+            self._close_reason = f"bad protocol header {got!r}"
+            self.send(PROTOCOL_HEADER)
+            self.state = CLOSED
+            self.close_transport()
+            return
+        if len(got) < 8:
+            return
+        del self._buf[:8]
+        self.state = AWAIT_START_OK
+        self.frame_max = MIN_FRAME_MAX  # until Tune
+        self.send(self.worker.connection_start)
+        super().data_received(b"")
+
+    def close_with(
+        self,
+        code: int,
+        text: str,
+        class_id: int = 0,
+        method_id: int = 0,
+        close_ok_timeout: float | None = CLOSE_OK_TIMEOUT,
+    ) -> None:
+        """Send Connection.Close to the client, give its channels back, await CloseOk."""
+        if self.state in (CLOSING, CLOSED):
+            return
+        self._close_reason = f"closed by proxy: {code} {text}"
+        self._release_channels()
+        self.send(m.encode_method(0, commands.Connection.Close(code, text, class_id, method_id)))
+        self.state = CLOSING
+        if self._parsing_paused:
+            self.resume_parsing()
+        if close_ok_timeout is not None:
+            self.loop.call_later(close_ok_timeout, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        if not self.closed:
+            self._close_reason += " (no CloseOk in time)"
+            self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def protocol_error(self, exc: FrameError) -> None:
+        log.warning("client %s (user=%r) protocol error: %s", self.peer, self.user, exc.text)
+        if self.state < AWAIT_TUNE_OK or self.state == CLOSING:
+            self._close_reason = f"protocol error: {exc.text}"
+            self.state = CLOSED
+            self.close_transport()
+        else:
+            self.close_with(exc.code, exc.text)
+
+    def check_heartbeat(self, now: float, handshake_timeout: float) -> None:
+        if self.state < ACTIVE and now - self.connected_at > handshake_timeout:
+            self._close_reason = f"handshake not completed within {handshake_timeout:g} s"
+            self.abort()
+        elif not self.send_heartbeat_if_due(now):
+            self._close_reason = f"missed heartbeats (heartbeat {self.heartbeat} s)"
+            self.abort()
+
+    # --- frames from the client -----------------------------------------------------------
+
+    def frame_received(self, frame_type: int, channel: int, payload: memoryview) -> None:
+        if self.state == ACTIVE and channel:
+            link = self.channels.get(channel)
+            if link is not None and link.state == OPEN:
+                self._forward(link, frame_type, payload)
+            else:
+                self._channel_not_open(frame_type, channel, payload, link)
+        elif frame_type == METHOD:
+            if channel:
+                self._channel_not_open(frame_type, channel, payload, None)
+            else:
+                self._connection_method(payload)
+        elif frame_type != HEARTBEAT:
+            raise FrameError(
+                m.UNEXPECTED_FRAME,
+                f"UNEXPECTED_FRAME - frame type {frame_type} on channel {channel}",
+            )
+
+    def _forward(self, link: ChannelLink, frame_type: int, payload: memoryview) -> None:
+        """Route one frame of an open channel upstream; publishes go out only when complete."""
+        upstream = link.upstream
+        number = link.upstream_number
+        expected = link.content_expected
+        if frame_type == METHOD:
+            if expected != NO_CONTENT:
+                raise FrameError(
+                    m.UNEXPECTED_FRAME,
+                    f"UNEXPECTED_FRAME - method while content on channel "
+                    f"{link.client_number} is incomplete",
+                )
+            mid = method_id(payload)
+            if mid == m.BASIC_PUBLISH:
+                link.content_parts.append(frame(METHOD, number, payload))
+                link.content_expected = HEADER_EXPECTED
+                return
+            if mid >> 16 <= 20:  # connection and channel class: only a few are legal here
+                self._channel_class_method(link, mid, payload)
+                return
+            upstream.send(frame(METHOD, number, payload))
+        elif frame_type == HEADER:
+            if expected != HEADER_EXPECTED:
+                raise FrameError(
+                    m.UNEXPECTED_FRAME,
+                    f"UNEXPECTED_FRAME - content header on channel "
+                    f"{link.client_number} without a content method",
+                )
+            link.content_parts.append(frame(HEADER, number, payload))
+            link.content_expected = content_body_size(payload)
+            if link.content_expected == 0:
+                self._publish(link)
+        elif frame_type == BODY:
+            if expected < 0:
+                raise FrameError(
+                    m.UNEXPECTED_FRAME,
+                    f"UNEXPECTED_FRAME - content body on channel "
+                    f"{link.client_number} without a content header",
+                )
+            if len(payload) > expected:
+                raise FrameError(
+                    m.FRAME_ERROR,
+                    f"FRAME_ERROR - content body on channel {link.client_number} "
+                    f"is larger than its header announced",
+                )
+            if len(payload) + OVERHEAD <= upstream.frame_max:
+                link.content_parts.append(frame(BODY, number, payload))
+            else:
+                link.content_parts.extend(body_frames(number, payload, upstream.frame_max))
+            link.content_expected = expected - len(payload)
+            if link.content_expected == 0:
+                self._publish(link)
+        else:
+            raise FrameError(m.FRAME_ERROR, f"FRAME_ERROR - frame type {frame_type} on a channel")
+
+    def _publish(self, link: ChannelLink) -> None:
+        link.upstream.send(b"".join(link.content_parts))
+        link.content_parts.clear()
+        link.content_expected = NO_CONTENT
+
+    def _channel_class_method(self, link: ChannelLink, mid: int, payload: memoryview) -> None:
+        if mid == m.CHANNEL_CLOSE:
+            link.state = CLIENT_CLOSING
+            link.upstream.send(frame(METHOD, link.upstream_number, payload))
+        elif mid == m.CHANNEL_OPEN:
+            raise FrameError(
+                m.CHANNEL_ERROR,
+                f"CHANNEL_ERROR - second 'channel.open' seen on channel {link.client_number}",
+            )
+        elif mid == m.CHANNEL_CLOSE_OK:
+            pass  # nothing of ours awaits it
+        elif mid >> 16 == m.CONNECTION_CLASS:
+            raise FrameError(
+                m.COMMAND_INVALID,
+                f"COMMAND_INVALID - connection method on channel {link.client_number}",
+            )
+        else:  # channel.flow and channel.flow-ok go through
+            link.upstream.send(frame(METHOD, link.upstream_number, payload))
+
+    def _channel_not_open(
+        self, frame_type: int, channel: int, payload: memoryview, link: ChannelLink | None
+    ) -> None:
+        """A frame on a channel that is not (or no longer) open."""
+        if self.state == CLOSING:
+            return  # after our Connection.Close only CloseOk matters
+        if self.state != ACTIVE:
+            raise FrameError(
+                m.CHANNEL_ERROR, f"CHANNEL_ERROR - channel {channel} used before connection.open"
+            )
+        mid = method_id(payload) if frame_type == METHOD else 0
+        if link is None:
+            if mid == m.CHANNEL_OPEN:
+                self._open_channel(channel)
+                return
+            raise FrameError(m.CHANNEL_ERROR, f"CHANNEL_ERROR - channel {channel} is not open")
+        if link.state == BROKER_CLOSED:
+            # Drop everything until the client confirms the broker's Channel.Close.
+            if mid == m.CHANNEL_CLOSE:
+                self.send(frame(METHOD, channel, CHANNEL_CLOSE_OK_PAYLOAD))
+                del self.channels[channel]
+            elif mid == m.CHANNEL_CLOSE_OK:
+                del self.channels[channel]
+        # CLIENT_CLOSING: the client awaits CloseOk; what it sends meanwhile is dropped.
+
+    def _open_channel(self, number: int) -> None:
+        if number > self.channel_max:
+            raise FrameError(
+                m.CHANNEL_ERROR,
+                f"CHANNEL_ERROR - channel {number} exceeds channel_max {self.channel_max}",
+            )
+        assert self.pool is not None
+        slot = self.pool.take_channel()
+        if slot is not None:
+            self._attach(number, *slot)
+        else:
+            self._run_paused(self._open_channel_later(number))
+
+    async def _open_channel_later(self, number: int) -> None:
+        assert self.pool is not None
+        try:
+            upstream, upstream_number = await self.pool.acquire_channel()
+        except UpstreamError as exc:
+            self.close_with(exc.code, exc.text, 20, 10)
+            return
+        if self.state != ACTIVE:
+            upstream.numbers.release(upstream_number)
+            return
+        self._attach(number, upstream, upstream_number)
+
+    def _attach(self, number: int, upstream: UpstreamConnection, upstream_number: int) -> None:
+        link = ChannelLink(self, number, upstream, upstream_number)
+        self.channels[number] = link
+        upstream.attach(link)
+        self.send(frame(METHOD, number, CHANNEL_OPEN_OK_PAYLOAD))
+        if upstream.blocked is not None:
+            self.upstream_blocked(upstream)
+
+    def _run_paused(self, step: Any) -> None:
+        """Run an async step with parsing paused, so later frames wait for it in order."""
+        self.pause_parsing()
+        task: asyncio.Task[None] = self.loop.create_task(step)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("client %s: internal error", self.peer, exc_info=t.exception())
+                self.close_with(m.INTERNAL_ERROR, "INTERNAL_ERROR - proxy error")
+            if not self.closed:
+                self.resume_parsing()
+
+        task.add_done_callback(done)
+
+    # --- connection class -----------------------------------------------------------------
+
+    def _connection_method(self, payload: memoryview) -> None:
+        method = m.decode_method(payload)
+        index = method.index
+        if self.state == CLOSING:
+            if index in (m.CONNECTION_CLOSE_OK, m.CONNECTION_CLOSE):
+                if index == m.CONNECTION_CLOSE:
+                    self.send(m.encode_method(0, commands.Connection.CloseOk()))
+                self.state = CLOSED
+                self.close_transport()
+            return
+        if index == m.CONNECTION_CLOSE:
+            assert isinstance(method, commands.Connection.Close)
+            self._close_reason = "client closed the connection"
+            if method.reply_code != m.REPLY_SUCCESS:
+                self._close_reason += f" ({method.reply_code} {method.reply_text})"
+            self._release_channels()
+            self.send(m.encode_method(0, commands.Connection.CloseOk()))
+            self.state = CLOSED
+            self.close_transport()
+        elif self.state == AWAIT_START_OK and isinstance(method, commands.Connection.StartOk):
+            self._start_ok(method)
+        elif self.state == AWAIT_TUNE_OK and isinstance(method, commands.Connection.TuneOk):
+            self._tune_ok(method)
+        elif self.state == AWAIT_OPEN and isinstance(method, commands.Connection.Open):
+            self.vhost = method.virtual_host
+            self.state = OPENING
+            self._run_paused(self._authenticate())
+        elif self.state == ACTIVE and index == m.CONNECTION_UPDATE_SECRET:
+            raise FrameError(
+                m.NOT_IMPLEMENTED,
+                "NOT_IMPLEMENTED - connection.update-secret is not supported through the proxy",
+            )
+        else:
+            raise FrameError(m.COMMAND_INVALID, f"COMMAND_INVALID - unexpected {method.name}")
+
+    def _start_ok(self, method: commands.Connection.StartOk) -> None:
+        props = method.client_properties or {}
+        capabilities = props.get("capabilities")
+        self.capabilities = capabilities if isinstance(capabilities, dict) else {}
+        try:
+            self.user, self._password = m.parse_sasl_response(method.mechanism, method.response)
+        except ValueError as exc:
+            log.warning("client %s: authentication failed: %s", self.peer, exc)
+            self.close_with(m.ACCESS_REFUSED, f"ACCESS_REFUSED - {exc}", 10, 11)
+            return
+        self.send(
+            m.encode_method(
+                0,
+                commands.Connection.Tune(
+                    channel_max=CHANNEL_MAX,
+                    frame_max=DEFAULT_FRAME_MAX,
+                    heartbeat=self.worker.config.client_heartbeat,
+                ),
+            )
+        )
+        self.state = AWAIT_TUNE_OK
+
+    def _tune_ok(self, method: commands.Connection.TuneOk) -> None:
+        frame_max = method.frame_max or DEFAULT_FRAME_MAX
+        if not MIN_FRAME_MAX <= frame_max <= DEFAULT_FRAME_MAX:
+            raise FrameError(
+                m.SYNTAX_ERROR,
+                f"SYNTAX_ERROR - frame_max {frame_max} outside "
+                f"{MIN_FRAME_MAX}..{DEFAULT_FRAME_MAX}",
+            )
+        self.frame_max = frame_max
+        self.channel_max = min(method.channel_max or CHANNEL_MAX, CHANNEL_MAX)
+        self.heartbeat = method.heartbeat
+        self.state = AWAIT_OPEN
+
+    async def _authenticate(self) -> None:
+        pool = self.worker.pools.get((self.user, self._password, self.vhost))
+        try:
+            await pool.authenticate()
+        except UpstreamError as exc:
+            self.worker.pools.forget_if_unused(pool)
+            if exc.code in (m.ACCESS_REFUSED, m.NOT_ALLOWED):
+                log.warning(
+                    "client %s: authentication failed for user=%r vhost=%r: %s %s",
+                    self.peer,
+                    self.user,
+                    self.vhost,
+                    exc.code,
+                    exc.text,
+                )
+            self.close_with(exc.code, exc.text, 10, 40)
+            return
+        if self.state != OPENING:
+            self.worker.pools.forget_if_unused(pool)
+            return
+        self.pool = pool
+        pool.clients += 1
+        self.state = ACTIVE
+        self.send(m.encode_method(0, commands.Connection.OpenOk()))
+        log.info("client %s connected as user=%r vhost=%r", self.peer, self.user, self.vhost)
+
+    # --- frames from the broker -----------------------------------------------------------
+
+    def deliver(self, frame_type: int, channel: int, payload: memoryview) -> None:
+        """Send a frame that arrived upstream to this client, split to its frame_max."""
+        if frame_type == BODY and len(payload) + OVERHEAD > self.frame_max:
+            for part in body_frames(channel, payload, self.frame_max):
+                self.send(part)
+        else:
+            self.send(frame(frame_type, channel, payload))
+
+    def channel_closed(self, link: ChannelLink) -> None:
+        """The broker confirmed the client's Channel.Close."""
+        self.channels.pop(link.client_number, None)
+        self.send(frame(METHOD, link.client_number, CHANNEL_CLOSE_OK_PAYLOAD))
+
+    def upstream_blocked(self, upstream: UpstreamConnection) -> None:
+        first = not self._blocked_by
+        self._blocked_by.add(id(upstream))
+        if first and self.capabilities.get("connection.blocked"):
+            reason = upstream.blocked or ""
+            self.send(m.encode_method(0, commands.Connection.Blocked(reason)))
+
+    def upstream_unblocked(self, upstream: UpstreamConnection) -> None:
+        if id(upstream) not in self._blocked_by:
+            return
+        self._blocked_by.discard(id(upstream))
+        if not self._blocked_by and self.capabilities.get("connection.blocked"):
+            self.send(m.encode_method(0, commands.Connection.Unblocked()))
+
+    def _release_channels(self) -> None:
+        for link in self.channels.values():
+            link.content_parts.clear()
+            link.upstream.detach(link)
+        self.channels.clear()
+
+    def __repr__(self) -> str:
+        return f"<ClientSession {self.peer} user={self.user!r} vhost={self.vhost!r}>"

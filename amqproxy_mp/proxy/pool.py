@@ -1,0 +1,115 @@
+"""Upstream connection pools, one per exact (user, password, vhost).
+
+Keying by the password too means a client is only ever served by a connection
+that the broker opened for exactly its credentials: authentication is never
+inferred from someone else's login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from amqproxy_mp.proxy.upstream import UpstreamConnection, UpstreamSettings, open_upstream
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+Credentials = tuple[str, str, str]  # user, password, vhost
+
+
+class Pool:
+    def __init__(self, pools: Pools, credentials: Credentials) -> None:
+        self.pools = pools
+        self.user, self.password, self.vhost = credentials
+        self.credentials = credentials
+        self.connections: list[UpstreamConnection] = []
+        #: Client sessions authenticated through this pool.
+        self.clients = 0
+        self._opening: asyncio.Future[UpstreamConnection] | None = None
+
+    async def authenticate(self) -> None:
+        """Succeed when the broker accepts these credentials (a pooled connection proves it)."""
+        if not any(conn.is_usable for conn in self.connections):
+            await self.open_connection()
+
+    def take_channel(self) -> tuple[UpstreamConnection, int] | None:
+        """An upstream channel number on the first connection with room, without waiting."""
+        for conn in self.connections:
+            if conn.is_usable:
+                number = conn.numbers.allocate()
+                if number is not None:
+                    return conn, number
+        return None
+
+    async def acquire_channel(self) -> tuple[UpstreamConnection, int]:
+        """Like take_channel, opening another upstream connection when all are full."""
+        while (slot := self.take_channel()) is None:
+            await self.open_connection()
+        return slot
+
+    async def open_connection(self) -> UpstreamConnection:
+        """Open one more upstream connection; concurrent callers share the same attempt."""
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        opening = self._opening
+        return await asyncio.shield(opening)
+
+    async def _open(self) -> UpstreamConnection:
+        try:
+            conn = await open_upstream(self.pools.loop, self.pools.settings, self)
+            self.connections.append(conn)
+            return conn
+        finally:
+            self._opening = None
+
+    def connection_gone(self, conn: UpstreamConnection) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+
+    def close_idle(self, now: float, idle_timeout: float) -> None:
+        """Close connections without channels for idle_timeout, keeping one per pool."""
+        idle = [c for c in self.connections if c.is_usable and not c.channels]
+        keep = 1 if len(idle) == len(self.connections) else 0
+        for conn in idle[keep:]:
+            if now - conn.idle_since >= idle_timeout:
+                conn.close(f"idle for {idle_timeout:g} s")
+
+    def __repr__(self) -> str:
+        return f"<Pool user={self.user!r} vhost={self.vhost!r} connections={len(self.connections)}>"
+
+
+class Pools:
+    """All pools of one worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: UpstreamSettings) -> None:
+        self.loop = loop
+        self.settings = settings
+        self._pools: dict[Credentials, Pool] = {}
+
+    def get(self, credentials: Credentials) -> Pool:
+        pool = self._pools.get(credentials)
+        if pool is None:
+            pool = self._pools[credentials] = Pool(self, credentials)
+        return pool
+
+    def forget_if_unused(self, pool: Pool) -> None:
+        """Drop a pool that serves nobody (e.g. after a failed login) so pools cannot pile up."""
+        if not pool.connections and not pool.clients and pool._opening is None:
+            self._pools.pop(pool.credentials, None)
+
+    def __iter__(self) -> Iterator[Pool]:
+        return iter(list(self._pools.values()))
+
+    def connections(self) -> Iterator[UpstreamConnection]:
+        for pool in self:
+            yield from list(pool.connections)
+
+    def close_idle(self, idle_timeout: float) -> None:
+        now = time.monotonic()
+        for pool in self:
+            pool.close_idle(now, idle_timeout)

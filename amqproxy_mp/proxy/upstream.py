@@ -1,0 +1,457 @@
+"""One AMQP connection from the proxy to the broker, shared by many client channels.
+
+The proxy is the client on this hop: it runs the handshake with the client's
+credentials, answers the broker's heartbeats itself, and demultiplexes frames
+to the client channels by upstream channel number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import ssl
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from amqproxy_mp import __version__
+from amqproxy_mp.amqp import methods as m
+from amqproxy_mp.amqp.frames import HEARTBEAT, METHOD, FrameError, frame, method_id
+from amqproxy_mp.amqp.methods import commands
+from amqproxy_mp.amqp.transport import DEFAULT_FRAME_MAX, FramedProtocol
+from amqproxy_mp.proxy.channels import (
+    BROKER_CLOSED,
+    CLIENT_CLOSING,
+    DETACHED,
+    OPEN,
+    ChannelLink,
+    ChannelNumbers,
+)
+
+if TYPE_CHECKING:
+    from amqproxy_mp.proxy.client import ClientSession
+    from amqproxy_mp.proxy.pool import Pool
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPEN_PAYLOAD: Final = b"\x00\x14\x00\x0a\x00"
+CHANNEL_CLOSE_OK_PAYLOAD: Final = b"\x00\x14\x00\x29"
+
+CLIENT_PROPERTIES: Final = {
+    "product": "amqproxy-mp",
+    "version": __version__,
+    "platform": f"Python {platform.python_version()}",
+    "connection_name": "amqproxy-mp",
+    "capabilities": {
+        "authentication_failure_close": True,
+        "basic.nack": True,
+        "connection.blocked": True,
+        "consumer_cancel_notify": True,
+        "exchange_exchange_bindings": True,
+        "publisher_confirms": True,
+    },
+}
+
+# Connection states.
+HANDSHAKE, READY, CLOSING, CLOSED = range(4)
+
+
+class UpstreamError(Exception):
+    """The broker refused or lost a connection; code/text are what the client is told."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """How to reach the broker: the part of the config this module needs."""
+
+    host: str
+    port: int
+    ssl_context: ssl.SSLContext | None
+    connect_timeout: float
+    heartbeat: int
+    max_channels: int  # 0 = the broker's channel_max
+
+    @property
+    def address(self) -> str:
+        scheme = "amqps" if self.ssl_context else "amqp"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+
+async def open_upstream(
+    loop: asyncio.AbstractEventLoop,
+    settings: UpstreamSettings,
+    pool: Pool,
+) -> UpstreamConnection:
+    """Connect and complete the AMQP handshake, or raise UpstreamError within the timeout."""
+    user, vhost = pool.user, pool.vhost
+    started = time.monotonic()
+    conn: UpstreamConnection | None = None
+    try:
+        async with asyncio.timeout(settings.connect_timeout):
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(loop, settings, pool),
+                settings.host,
+                settings.port,
+                ssl=settings.ssl_context,
+                server_hostname=settings.host if settings.ssl_context else None,
+            )
+            await conn.ready
+    except TimeoutError:
+        if conn is not None:
+            conn.abort()
+        reason = f"no answer within {settings.connect_timeout:g} s"
+        log.error(
+            "upstream %s unreachable for user=%r vhost=%r: %s",
+            settings.address,
+            user,
+            vhost,
+            reason,
+        )
+        raise UpstreamError(
+            m.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream {settings.address} {reason}"
+        ) from None
+    except ssl.SSLError as exc:
+        reason = f"TLS handshake failed: {exc.reason or exc}"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            reason = f"certificate verification failed: {exc.verify_message}"
+        log.error("upstream %s: %s", settings.address, reason)
+        raise UpstreamError(
+            m.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream {settings.address} {reason}"
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        log.error(
+            "upstream %s unreachable for user=%r vhost=%r: %s",
+            settings.address,
+            user,
+            vhost,
+            reason,
+        )
+        raise UpstreamError(
+            m.CONNECTION_FORCED,
+            f"CONNECTION_FORCED - upstream {settings.address} unreachable: {reason}",
+        ) from None
+    except UpstreamError as exc:
+        log.warning(
+            "upstream %s refused user=%r vhost=%r: %s %s",
+            settings.address,
+            user,
+            vhost,
+            exc.code,
+            exc.text,
+        )
+        raise
+    log.info(
+        "upstream connection opened to %s for user=%r vhost=%r (local port %s, %.1f ms)",
+        settings.address,
+        user,
+        vhost,
+        conn.local_port,
+        (time.monotonic() - started) * 1000,
+    )
+    return conn
+
+
+class UpstreamConnection(FramedProtocol):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, settings: UpstreamSettings, pool: Pool
+    ) -> None:
+        super().__init__(loop)
+        self.settings = settings
+        self.pool = pool
+        self.frame_max = DEFAULT_FRAME_MAX  # until Tune says otherwise
+        self.state = HANDSHAKE
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.channels: dict[int, ChannelLink] = {}
+        self.numbers = ChannelNumbers(0)
+        #: Reason given by Connection.Blocked while the broker blocks publishers, else None.
+        self.blocked: str | None = None
+        self.idle_since = time.monotonic()
+        self.local_port: int | None = None
+        self._handshake_step = m.CONNECTION_START
+        self._close_reason = ""
+
+    # --- connection lifecycle -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sockname = transport.get_extra_info("sockname")
+        self.local_port = sockname[1] if sockname else None
+        self.send(b"AMQP\x00\x00\x09\x01")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was = self.state
+        self.state = CLOSED
+        self.closed = True
+        if was == HANDSHAKE:
+            if not self.ready.done():
+                self.ready.set_exception(self._handshake_failure(exc))
+            return
+        self.pool.connection_gone(self)
+        if was == READY:
+            reason = f"connection lost: {exc}" if exc else "connection closed by broker"
+            log.warning(
+                "upstream connection to %s (user=%r vhost=%r) %s",
+                self.settings.address,
+                self.pool.user,
+                self.pool.vhost,
+                reason,
+            )
+            self._close_clients(
+                m.CONNECTION_FORCED, "CONNECTION_FORCED - upstream connection lost", 0, 0
+            )
+        else:
+            log.info(
+                "upstream connection to %s (user=%r vhost=%r) closed: %s",
+                self.settings.address,
+                self.pool.user,
+                self.pool.vhost,
+                self._close_reason or "closed",
+            )
+
+    def _handshake_failure(self, exc: Exception | None) -> Exception:
+        if isinstance(exc, ssl.SSLError):
+            return exc
+        if self._handshake_step == m.CONNECTION_TUNE:
+            # An old broker drops the socket instead of sending Close on bad credentials.
+            return UpstreamError(m.ACCESS_REFUSED, "ACCESS_REFUSED - login refused by upstream")
+        detail = f": {exc}" if exc else ""
+        return UpstreamError(
+            m.CONNECTION_FORCED,
+            f"CONNECTION_FORCED - upstream {self.settings.address} closed the connection "
+            f"during the handshake{detail}",
+        )
+
+    def close(self, reason: str) -> None:
+        """Close gracefully (idle timeout, shutdown); clients must already be gone."""
+        if self.state != READY:
+            return
+        self.state = CLOSING
+        self._close_reason = reason
+        self.pool.connection_gone(self)
+        self.send(m.encode_method(0, commands.Connection.Close(m.REPLY_SUCCESS, reason, 0, 0)))
+        self.loop.call_later(5.0, self.abort)
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    @property
+    def is_usable(self) -> bool:
+        return self.state == READY
+
+    # --- frames from the broker -----------------------------------------------------------
+
+    def frame_received(self, frame_type: int, channel: int, payload: memoryview) -> None:
+        if channel:
+            link = self.channels.get(channel)
+            if link is None:
+                return  # a frame for a channel already given back: nothing to do
+            if link.state == OPEN and link.client is not None:
+                if frame_type == METHOD:
+                    mid = method_id(payload)
+                    if mid == m.CHANNEL_CLOSE:
+                        self._broker_closed_channel(link, payload)
+                        return
+                    if mid == m.CHANNEL_OPEN_OK:
+                        return  # the proxy already answered the client's Channel.Open
+                link.client.deliver(frame_type, link.client_number, payload)
+            elif frame_type == METHOD:
+                self._closing_channel_method(link, method_id(payload))
+            return
+        if frame_type == METHOD:
+            if self.state == HANDSHAKE:
+                self._handshake(m.decode_method(payload))
+            else:
+                self._connection_method(payload)
+        elif frame_type != HEARTBEAT:
+            raise FrameError(m.UNEXPECTED_FRAME, "UNEXPECTED_FRAME - content on channel 0")
+
+    def protocol_error(self, exc: FrameError) -> None:
+        log.error("upstream %s sent an invalid frame: %s", self.settings.address, exc.text)
+        self._fail(m.INTERNAL_ERROR, f"INTERNAL_ERROR - upstream sent an invalid frame: {exc.text}")
+
+    def _handshake(self, method: m.Method) -> None:
+        index = method.index
+        if index == m.CONNECTION_CLOSE:
+            assert isinstance(method, commands.Connection.Close)
+            self.send(m.encode_method(0, commands.Connection.CloseOk()))
+            self.close_transport()
+            if not self.ready.done():
+                self.ready.set_exception(UpstreamError(method.reply_code, method.reply_text))
+            return
+        if index != self._handshake_step:
+            raise FrameError(m.COMMAND_INVALID, f"COMMAND_INVALID - unexpected {method.name}")
+        if isinstance(method, commands.Connection.Start):
+            user, password = self.pool.user, self.pool.password
+            self.send(
+                m.encode_method(
+                    0,
+                    commands.Connection.StartOk(
+                        client_properties=CLIENT_PROPERTIES,
+                        mechanism="PLAIN",
+                        response=f"\0{user}\0{password}",
+                    ),
+                )
+            )
+            self._handshake_step = m.CONNECTION_TUNE
+        elif isinstance(method, commands.Connection.Tune):
+            channel_max = method.channel_max or 65535
+            if self.settings.max_channels:
+                channel_max = min(channel_max, self.settings.max_channels)
+            self.numbers = ChannelNumbers(channel_max)
+            self.frame_max = method.frame_max or DEFAULT_FRAME_MAX
+            self.heartbeat = self.settings.heartbeat
+            self.send(
+                m.encode_method(
+                    0,
+                    commands.Connection.TuneOk(
+                        channel_max=channel_max, frame_max=self.frame_max, heartbeat=self.heartbeat
+                    ),
+                )
+            )
+            self.send(m.encode_method(0, commands.Connection.Open(virtual_host=self.pool.vhost)))
+            self._handshake_step = m.CONNECTION_OPEN_OK
+        elif isinstance(method, commands.Connection.OpenOk):
+            self.state = READY
+            self.idle_since = time.monotonic()
+            if not self.ready.done():
+                self.ready.set_result(None)
+
+    def _connection_method(self, payload: memoryview) -> None:
+        mid = method_id(payload)
+        if mid == m.CONNECTION_CLOSE:
+            close = m.decode_method(payload)
+            assert isinstance(close, commands.Connection.Close)
+            self.send(m.encode_method(0, commands.Connection.CloseOk()))
+            log.warning(
+                "upstream %s (user=%r vhost=%r) closed by broker: %s %s",
+                self.settings.address,
+                self.pool.user,
+                self.pool.vhost,
+                close.reply_code,
+                close.reply_text,
+            )
+            self._close_reason = f"closed by broker: {close.reply_code} {close.reply_text}"
+            self.state = CLOSED
+            self.pool.connection_gone(self)
+            self._close_clients(close.reply_code, close.reply_text, close.class_id, close.method_id)
+            self.close_transport()
+        elif mid == m.CONNECTION_CLOSE_OK:
+            self.close_transport()
+        elif mid == m.CONNECTION_BLOCKED:
+            blocked = m.decode_method(payload)
+            assert isinstance(blocked, commands.Connection.Blocked)
+            self.blocked = blocked.reason or "blocked"
+            log.warning(
+                "upstream %s (user=%r vhost=%r) blocked by broker: %s",
+                self.settings.address,
+                self.pool.user,
+                self.pool.vhost,
+                self.blocked,
+            )
+            for client in self.clients():
+                client.upstream_blocked(self)
+        elif mid == m.CONNECTION_UNBLOCKED:
+            self.blocked = None
+            log.info(
+                "upstream %s (user=%r vhost=%r) unblocked",
+                self.settings.address,
+                self.pool.user,
+                self.pool.vhost,
+            )
+            for client in self.clients():
+                client.upstream_unblocked(self)
+
+    def missed_heartbeats(self) -> None:
+        log.warning(
+            "upstream %s (user=%r vhost=%r) missed heartbeats (heartbeat %s s)",
+            self.settings.address,
+            self.pool.user,
+            self.pool.vhost,
+            self.heartbeat,
+        )
+        self._fail(m.CONNECTION_FORCED, "CONNECTION_FORCED - upstream missed heartbeats")
+
+    def _fail(self, code: int, text: str) -> None:
+        """Give up on this connection: tell its clients, then drop it."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self.pool.connection_gone(self)
+        self._close_clients(code, text, 0, 0)
+        self.abort()
+
+    def _close_clients(self, code: int, text: str, class_id: int, method_id: int) -> None:
+        for client in self.clients():
+            client.close_with(code, text, class_id, method_id)
+        self.channels.clear()
+
+    def clients(self) -> list[ClientSession]:
+        """The distinct client sessions with a channel on this connection."""
+        seen: dict[int, ClientSession] = {}
+        for link in self.channels.values():
+            if link.client is not None:
+                seen[id(link.client)] = link.client
+        return list(seen.values())
+
+    # --- channels -------------------------------------------------------------------------
+
+    def attach(self, link: ChannelLink) -> None:
+        """Open the upstream channel for a link; the client was answered already."""
+        self.channels[link.upstream_number] = link
+        self.send(frame(METHOD, link.upstream_number, CHANNEL_OPEN_PAYLOAD))
+
+    def detach(self, link: ChannelLink) -> None:
+        """The client is gone: close its upstream channel unless that is already under way."""
+        link.client = None
+        if self.state != READY:
+            return
+        if link.state == OPEN:
+            self.send(
+                m.encode_method(
+                    link.upstream_number,
+                    commands.Channel.Close(m.REPLY_SUCCESS, "client disconnected", 0, 0),
+                )
+            )
+            link.state = DETACHED
+        elif link.state == CLIENT_CLOSING:
+            link.state = DETACHED
+        # BROKER_CLOSED: the upstream number was given back already.
+
+    def _broker_closed_channel(self, link: ChannelLink, payload: memoryview) -> None:
+        """The broker closed a channel (404 and the like): confirm at once, tell the client."""
+        self.send(frame(METHOD, link.upstream_number, CHANNEL_CLOSE_OK_PAYLOAD))
+        self._release_number(link)
+        link.state = BROKER_CLOSED
+        assert link.client is not None
+        link.client.deliver(METHOD, link.client_number, payload)
+
+    def _closing_channel_method(self, link: ChannelLink, mid: int) -> None:
+        """A method on a channel the proxy is closing: only the close handshake matters."""
+        if mid == m.CHANNEL_CLOSE_OK:
+            self._release_number(link)
+            if link.state == CLIENT_CLOSING and link.client is not None:
+                link.client.channel_closed(link)
+        elif mid == m.CHANNEL_CLOSE:
+            # Both sides closed at once: confirm theirs, keep waiting for the CloseOk to ours.
+            self.send(frame(METHOD, link.upstream_number, CHANNEL_CLOSE_OK_PAYLOAD))
+
+    def _release_number(self, link: ChannelLink) -> None:
+        if self.channels.pop(link.upstream_number, None) is not None:
+            self.numbers.release(link.upstream_number)
+            if not self.channels:
+                self.idle_since = time.monotonic()
+
+    def __repr__(self) -> str:
+        return (
+            f"<UpstreamConnection {self.settings.address} user={self.pool.user!r} "
+            f"vhost={self.pool.vhost!r} port={self.local_port} channels={len(self.channels)}>"
+        )

@@ -1,0 +1,220 @@
+"""A worker: one uvloop event loop that accepts clients and owns its upstream pools.
+
+It holds no module-level state, so a master process can create several; the
+listening socket can be handed in (SO_REUSEPORT, opened by the master) or bound here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Final
+
+import uvloop
+
+from amqproxy_mp import __version__
+from amqproxy_mp.amqp import methods as m
+from amqproxy_mp.amqp.methods import commands
+from amqproxy_mp.config import Config
+from amqproxy_mp.proxy.client import ClientSession
+from amqproxy_mp.proxy.pool import Pools
+from amqproxy_mp.proxy.upstream import UpstreamSettings
+
+log = logging.getLogger(__name__)
+
+#: How often heartbeats, handshake deadlines and idle connections are checked.
+TICK: Final = 0.5
+
+SERVER_PROPERTIES: Final = {
+    "product": "amqproxy-mp",
+    "version": __version__,
+    "platform": f"Python {platform.python_version()}",
+    "copyright": "amqproxy-mp contributors",
+    "information": "AMQP 0-9-1 proxy with connection and channel pooling",
+    "capabilities": {
+        "publisher_confirms": True,
+        "exchange_exchange_bindings": True,
+        "basic.nack": True,
+        "consumer_cancel_notify": True,
+        "connection.blocked": True,
+        "consumer_priorities": True,
+        "authentication_failure_close": True,
+        "per_consumer_qos": True,
+        "direct_reply_to": True,
+    },
+}
+
+
+def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
+    """Verify the broker's certificate against the system CAs unless told otherwise."""
+    if not config.upstream.tls:
+        return None
+    context = ssl.create_default_context(cafile=config.upstream_tls_ca_file)
+    if config.upstream_tls_cert_file:
+        context.load_cert_chain(config.upstream_tls_cert_file, config.upstream_tls_key_file)
+    if config.upstream_tls_insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Worker:
+    def __init__(self, config: Config, sockets: list[socket.socket] | None = None) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        self.pools = Pools(
+            self.loop,
+            UpstreamSettings(
+                host=config.upstream.host,
+                port=config.upstream.port,
+                ssl_context=upstream_tls_context(config),
+                connect_timeout=config.upstream_connect_timeout,
+                heartbeat=config.upstream_heartbeat,
+                max_channels=config.max_upstream_channels,
+            ),
+        )
+        self.sessions: set[ClientSession] = set()
+        self.connection_start = m.encode_method(
+            0,
+            commands.Connection.Start(
+                version_major=0,
+                version_minor=9,
+                server_properties=SERVER_PROPERTIES,
+                mechanisms="PLAIN AMQPLAIN",
+                locales="en_US",
+            ),
+        )
+        self._servers: list[asyncio.Server] = []
+        self._stopping: asyncio.Event | None = None
+        self._signals = 0
+
+    # --- running ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until TERM/INT, then shut down gracefully; returns the exit code."""
+        asyncio.set_event_loop(self.loop)
+        try:
+            return self.loop.run_until_complete(self.serve())
+        finally:
+            self.loop.close()
+
+    async def serve(self) -> int:
+        self._stopping = asyncio.Event()
+        try:
+            await self._listen()
+        except OSError as exc:
+            log.error(
+                "cannot listen on %s:%s: %s",
+                self.config.listen_address,
+                self.config.listen_port,
+                exc.strerror or exc,
+            )
+            return 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self._on_signal, signum)
+        ticker = self.loop.create_task(self._tick())
+        await self._stopping.wait()
+        ticker.cancel()
+        await self.shutdown()
+        return 0
+
+    async def _listen(self) -> None:
+        def factory() -> ClientSession:
+            return ClientSession(self)
+
+        if self.sockets:
+            for sock in self.sockets:
+                self._servers.append(await self.loop.create_server(factory, sock=sock))
+        else:
+            self._servers.append(
+                await self.loop.create_server(
+                    factory,
+                    self.config.listen_address,
+                    self.config.listen_port,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+            )
+        addresses = ", ".join(
+            str(sock.getsockname()[:2]) for server in self._servers for sock in server.sockets
+        )
+        log.info(
+            "amqproxy-mp %s listening on %s, upstream %s",
+            __version__,
+            addresses,
+            self.pools.settings.address,
+        )
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        assert self._stopping is not None
+        if self._signals == 1:
+            log.info("received %s: shutting down gracefully", signal.Signals(signum).name)
+            self._stopping.set()
+        else:
+            log.warning(
+                "received %s again: closing all connections now", signal.Signals(signum).name
+            )
+            for session in list(self.sessions):
+                session.abort()
+
+    async def _tick(self) -> None:
+        config = self.config
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                session.check_heartbeat(now, config.client_handshake_timeout)
+            for conn in self.pools.connections():
+                if not conn.send_heartbeat_if_due(now):
+                    conn.missed_heartbeats()
+            self.pools.close_idle(config.idle_connection_timeout)
+
+    # --- shutting down ------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let clients leave, then close the rest with 320 CONNECTION_FORCED."""
+        config = self.config
+        for server in self._servers:
+            server.close()
+        if self.sessions and config.term_client_close_timeout > 0:
+            log.info(
+                "waiting up to %g s for %d clients to disconnect",
+                config.term_client_close_timeout,
+                len(self.sessions),
+            )
+            await self._wait_until(lambda: not self.sessions, config.term_client_close_timeout)
+        if self.sessions:
+            log.info("closing %d remaining client connections", len(self.sessions))
+            for session in list(self.sessions):
+                session.close_with(
+                    m.CONNECTION_FORCED,
+                    "CONNECTION_FORCED - amqproxy-mp is shutting down",
+                    close_ok_timeout=None,
+                )
+            timeout = config.term_timeout if config.term_timeout >= 0 else None
+            await self._wait_until(lambda: not self.sessions, timeout)
+            for session in list(self.sessions):
+                session.abort()
+        upstreams = list(self.pools.connections())
+        for conn in upstreams:
+            conn.close("amqproxy-mp is shutting down")
+        await self._wait_until(lambda: all(conn.closed for conn in upstreams), 5.0)
+        log.info("shut down")
+
+    async def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done() and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+
+
+def run(config: Config) -> int:
+    """Run one worker in this process (the whole proxy, until the master exists)."""
+    return Worker(config).run()
