@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Final
 
 import uvloop
+from pamqp.common import FieldTable
 
 from amqproxy_mp import __version__
 from amqproxy_mp.amqp import methods as m
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 #: How often heartbeats, handshake deadlines and idle connections are checked.
 TICK: Final = 0.5
 
-SERVER_PROPERTIES: Final = {
+SERVER_PROPERTIES: Final[FieldTable] = {
     "product": "amqproxy-mp",
     "version": __version__,
     "platform": f"Python {platform.python_version()}",

@@ -8,6 +8,7 @@ heartbeats are based on.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Final
 
@@ -20,6 +21,8 @@ from amqproxy_mp.amqp.frames import (
     OVERHEAD,
     FrameError,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FRAME_MAX: Final = 131072
 
@@ -81,6 +84,11 @@ class FramedProtocol(asyncio.Protocol):
         except FrameError as exc:
             pos = len(buf)
             self.protocol_error(exc)
+        except Exception:
+            # A bug must cost this one connection, never the worker.
+            log.exception("internal error while handling a frame; closing the connection")
+            pos = len(buf)
+            self.protocol_error(FrameError(541, "INTERNAL_ERROR - proxy error"))
         finally:
             view.release()
         if pos:

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from pamqp.common import FieldTable
+
 from amqproxy_mp import __version__
 from amqproxy_mp.amqp import methods as m
 from amqproxy_mp.amqp.frames import HEARTBEAT, METHOD, FrameError, frame, method_id
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 CHANNEL_OPEN_PAYLOAD: Final = b"\x00\x14\x00\x0a\x00"
 CHANNEL_CLOSE_OK_PAYLOAD: Final = b"\x00\x14\x00\x29"
 
-CLIENT_PROPERTIES: Final = {
+CLIENT_PROPERTIES: Final[FieldTable] = {
     "product": "amqproxy-mp",
     "version": __version__,
     "platform": f"Python {platform.python_version()}",
@@ -139,7 +141,7 @@ async def open_upstream(
             f"CONNECTION_FORCED - upstream {settings.address} unreachable: {reason}",
         ) from None
     except UpstreamError as exc:
-        log.warning(
+        log.debug(
             "upstream %s refused user=%r vhost=%r: %s %s",
             settings.address,
             user,
@@ -207,7 +209,7 @@ class UpstreamConnection(FramedProtocol):
             self._close_clients(
                 m.CONNECTION_FORCED, "CONNECTION_FORCED - upstream connection lost", 0, 0
             )
-        else:
+        elif was == CLOSING:
             log.info(
                 "upstream connection to %s (user=%r vhost=%r) closed: %s",
                 self.settings.address,
@@ -285,7 +287,7 @@ class UpstreamConnection(FramedProtocol):
             self.send(m.encode_method(0, commands.Connection.CloseOk()))
             self.close_transport()
             if not self.ready.done():
-                self.ready.set_exception(UpstreamError(method.reply_code, method.reply_text))
+                self.ready.set_exception(UpstreamError(method.reply_code or 0, method.reply_text))
             return
         if index != self._handshake_step:
             raise FrameError(m.COMMAND_INVALID, f"COMMAND_INVALID - unexpected {method.name}")
@@ -342,7 +344,9 @@ class UpstreamConnection(FramedProtocol):
             self._close_reason = f"closed by broker: {close.reply_code} {close.reply_text}"
             self.state = CLOSED
             self.pool.connection_gone(self)
-            self._close_clients(close.reply_code, close.reply_text, close.class_id, close.method_id)
+            self._close_clients(
+                close.reply_code or 0, close.reply_text, close.class_id or 0, close.method_id or 0
+            )
             self.close_transport()
         elif mid == m.CONNECTION_CLOSE_OK:
             self.close_transport()
