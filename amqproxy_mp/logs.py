@@ -1,0 +1,82 @@
+"""Logging to stderr: timestamped lines, or sd-daemon priority prefixes under systemd.
+
+The pid is in every line because several worker processes share one stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+PLAIN_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+JOURNAL_FORMAT = "[%(process)d] %(name)s: %(message)s"
+
+
+def syslog_priority(levelno: int) -> int:
+    """sd-daemon(3) priority: journald reads it from the `<N>` line prefix."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+class JournalFormatter(logging.Formatter):
+    """No timestamp (journald adds one); every line prefixed, so tracebacks keep the priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler this module installed, so a second setup replaces it."""
+
+
+def _stderr_is_journal(environ: Mapping[str, str]) -> bool:
+    """systemd sets JOURNAL_STREAM=dev:inode; children whose stderr was redirected inherit it."""
+    stream = environ.get("JOURNAL_STREAM")
+    if not stream:
+        return False
+    device, _, inode = stream.partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+        return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+    except (AttributeError, OSError, ValueError):
+        return True  # cannot tell (no real stderr, odd value): trust the variable
+
+
+def setup_logging(level: str, environ: Mapping[str, str]) -> None:
+    """Configure the root logger; safe to call again (e.g. on reload) without doubling lines."""
+    try:
+        levelno = LEVELS[level.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}"
+        ) from None
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _StderrHandler):
+            root.removeHandler(handler)
+            handler.close()
+    handler = _StderrHandler(sys.stderr)
+    if _stderr_is_journal(environ):
+        handler.setFormatter(JournalFormatter(JOURNAL_FORMAT))
+    else:
+        handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(levelno)
