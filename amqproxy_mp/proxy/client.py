@@ -172,7 +172,7 @@ class ClientSession(FramedProtocol):
             self.close_with(exc.code, exc.text)
 
     def check_heartbeat(self, now: float, handshake_timeout: float) -> None:
-        if self.state < ACTIVE and now - self.connected_at > handshake_timeout:
+        if self.state < OPENING and now - self.connected_at > handshake_timeout:
             self._close_reason = f"handshake not completed within {handshake_timeout:g} s"
             self.abort()
         elif not self.send_heartbeat_if_due(now):
