@@ -44,11 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_config(loaded))
         return 0
 
-    setup_logging(loaded.config.log_level, os.environ)
+    try:
+        setup_logging(loaded.config.log_level, os.environ, loaded.config.log_file)
+    except OSError as exc:
+        return _error(f"log_file = {loaded.config.log_file!r}: cannot open it ({exc.strerror})")
     for warning in loaded.warnings:
         logging.warning("%s", warning)
 
-    from amqproxy_mp.worker import run  # imported late: config errors must not need it
+    from amqproxy_mp.worker import Worker  # imported late: config errors must not need it
 
-    exit_code: int = run(loaded.config)
+    exit_code: int = Worker(loaded.config).run()
     return exit_code

@@ -63,7 +63,15 @@ class Config:
     upstream_tls_cert_file: str | None = None
     upstream_tls_key_file: str | None = None
     upstream_tls_insecure_skip_verify: bool = False
+    log_file: str | None = None
+    workers: int = 0
+    worker_timeout: float = 30.0
     config_file: str | None = None
+
+    @property
+    def worker_count(self) -> int:
+        """`workers`, with 0 meaning one per CPU."""
+        return self.workers or os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -344,6 +352,22 @@ OPTIONS: tuple[Option, ...] = (
         help="do not verify the broker's certificate (amqps); for testing only",
         flags=(), switch=("--upstream-tls-insecure-skip-verify",), switch_value="true",
         yaml_types=(bool,),
+    ),
+    _opt(
+        "log_file", _nonempty, "a file path",
+        help="append the log to this file instead of stderr; SIGUSR1 reopens it",
+        metavar="FILE", default_text="none (stderr)",
+    ),
+    _opt(
+        "workers", _int_in(0, 1024), "an integer 0..1024 (0: one per CPU)",
+        help="worker processes, each accepting on the listen port with its own pools",
+        metavar="N", flags=("-w", "--workers"), yaml_types=(int,),
+        default_text="0 (the number of CPUs)",
+    ),
+    _opt(
+        "worker_timeout", _seconds(positive=True), _SECONDS_GT_0,
+        help="seconds a worker's event loop may be blocked before the master replaces it",
+        metavar="SECONDS", yaml_types=_NUMBER,
     ),
     _opt(
         "config_file", _nonempty, "a file path",

@@ -1,6 +1,8 @@
-"""Logging to stderr: timestamped lines, or sd-daemon priority prefixes under systemd.
+"""Logging to stderr or a file: timestamped lines, or sd-daemon priority prefixes under systemd.
 
 The pid is in every line because several worker processes share one stderr.
+A log file is opened in append mode by every process and reopened on SIGUSR1,
+so logrotate can move it away.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler this module installed, so a second setup replaces it."""
 
 
+class _FileHandler(logging.FileHandler):
+    """The log file handler; `reopen_log_file` finds it by this class."""
+
+
 def _stderr_is_journal(environ: Mapping[str, str]) -> bool:
     """systemd sets JOURNAL_STREAM=dev:inode; children whose stderr was redirected inherit it."""
     stream = environ.get("JOURNAL_STREAM")
@@ -60,7 +66,7 @@ def _stderr_is_journal(environ: Mapping[str, str]) -> bool:
         return True  # cannot tell (no real stderr, odd value): trust the variable
 
 
-def setup_logging(level: str, environ: Mapping[str, str]) -> None:
+def setup_logging(level: str, environ: Mapping[str, str], log_file: str | None = None) -> None:
     """Configure the root logger; safe to call again (e.g. on reload) without doubling lines."""
     try:
         levelno = LEVELS[level.lower()]
@@ -69,14 +75,31 @@ def setup_logging(level: str, environ: Mapping[str, str]) -> None:
             f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}"
         ) from None
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, _StderrHandler):
-            root.removeHandler(handler)
-            handler.close()
-    handler = _StderrHandler(sys.stderr)
-    if _stderr_is_journal(environ):
+    for old in list(root.handlers):
+        if isinstance(old, _StderrHandler | _FileHandler):
+            root.removeHandler(old)
+            old.close()
+    handler: logging.Handler
+    if log_file:
+        handler = _FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+    elif _stderr_is_journal(environ):
+        handler = _StderrHandler(sys.stderr)
         handler.setFormatter(JournalFormatter(JOURNAL_FORMAT))
     else:
+        handler = _StderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
     root.addHandler(handler)
     root.setLevel(levelno)
+
+
+def reopen_log_file() -> None:
+    """Reopen the log file (SIGUSR1), e.g. after logrotate moved it."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _FileHandler):
+            handler.acquire()
+            try:
+                handler.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()

@@ -7,7 +7,9 @@ listening socket can be handed in (SO_REUSEPORT, opened by the master) or bound 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import platform
 import signal
 import socket
@@ -23,6 +25,8 @@ from amqproxy_mp import __version__
 from amqproxy_mp.amqp import methods as m
 from amqproxy_mp.amqp.methods import commands
 from amqproxy_mp.config import Config
+from amqproxy_mp.logs import reopen_log_file
+from amqproxy_mp.metrics import Gauges, Stats, WorkerMetrics, write_pool_status
 from amqproxy_mp.proxy.client import ClientSession
 from amqproxy_mp.proxy.pool import Pools
 from amqproxy_mp.proxy.upstream import UpstreamSettings
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: How often heartbeats, handshake deadlines and idle connections are checked.
 TICK: Final = 0.5
+#: Metrics and pool status go to the master every this many ticks.
+METRICS_EVERY: Final = 2
 
 SERVER_PROPERTIES: Final[FieldTable] = {
     "product": "amqproxy-mp",
@@ -66,12 +72,25 @@ def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 class Worker:
-    def __init__(self, config: Config, sockets: list[socket.socket] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        sockets: list[socket.socket] | None = None,
+        slot: int = 0,
+        beat_fd: int | None = None,
+        metrics_dir: str | None = None,
+    ) -> None:
         self.config = config
         self.sockets = sockets
+        self.slot = slot
+        self._beat_fd = beat_fd
+        self.stats = Stats()
+        self._metrics = WorkerMetrics(metrics_dir, slot) if metrics_dir else None
+        self._metrics_dir = metrics_dir
         self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         self.pools = Pools(
             self.loop,
+            self.stats,
             UpstreamSettings(
                 host=config.upstream.host,
                 port=config.upstream.port,
@@ -95,6 +114,7 @@ class Worker:
         self._servers: list[asyncio.Server] = []
         self._stopping: asyncio.Event | None = None
         self._signals = 0
+        self._quick = False
 
     # --- running ----------------------------------------------------------------------------
 
@@ -118,12 +138,16 @@ class Worker:
                 exc.strerror or exc,
             )
             return 1
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             self.loop.add_signal_handler(signum, self._on_signal, signum)
+        self.loop.add_signal_handler(signal.SIGUSR1, reopen_log_file)
+        self._beat()  # the first beat tells the master this worker accepts
         ticker = self.loop.create_task(self._tick())
         await self._stopping.wait()
         ticker.cancel()
-        await self.shutdown()
+        if not self._quick:
+            await self.shutdown()
+        self._export_metrics()
         return 0
 
     async def _listen(self) -> None:
@@ -154,22 +178,30 @@ class Worker:
         )
 
     def _on_signal(self, signum: int) -> None:
+        """TERM: graceful stop. INT, QUIT, or a second TERM: close everything now."""
         self._signals += 1
         assert self._stopping is not None
-        if self._signals == 1:
-            log.info("received %s: shutting down gracefully", signal.Signals(signum).name)
-            self._stopping.set()
+        name = signal.Signals(signum).name
+        if signum == signal.SIGTERM and self._signals == 1:
+            log.info("received %s: shutting down gracefully", name)
         else:
-            log.warning(
-                "received %s again: closing all connections now", signal.Signals(signum).name
-            )
+            log.info("received %s: closing all connections now", name)
+            self._quick = True
+            for server in self._servers:
+                server.close()
             for session in list(self.sessions):
                 session.abort()
+            for conn in self.pools.connections():
+                conn.abort()
+        self._stopping.set()
 
     async def _tick(self) -> None:
         config = self.config
+        ticks = 0
         while True:
             await asyncio.sleep(TICK)
+            ticks += 1
+            self._beat()
             now = time.monotonic()
             for session in list(self.sessions):
                 session.check_heartbeat(now, config.client_handshake_timeout)
@@ -177,6 +209,45 @@ class Worker:
                 if not conn.send_heartbeat_if_due(now):
                     conn.missed_heartbeats()
             self.pools.close_idle(config.idle_connection_timeout)
+            if ticks % METRICS_EVERY == 0:
+                self._export_metrics()
+
+    def _beat(self) -> None:
+        """Tell the master this event loop still turns (gunicorn's worker heartbeat)."""
+        if self._beat_fd is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._beat_fd, b".")
+
+    def _export_metrics(self) -> None:
+        if self._metrics is None or self._metrics_dir is None:
+            return
+        pools = list(self.pools)
+        connections = [conn for pool in pools for conn in pool.connections]
+        self._metrics.export(
+            self.stats,
+            Gauges(
+                client_connections=len(self.sessions),
+                upstream_connections=len(connections),
+                client_channels=sum(len(session.channels) for session in self.sessions),
+                upstream_channels=sum(len(conn.channels) for conn in connections),
+            ),
+        )
+        write_pool_status(
+            self._metrics_dir,
+            os.getpid(),
+            [
+                {
+                    "worker": self.slot,
+                    "pid": os.getpid(),
+                    "user": pool.user,
+                    "vhost": pool.vhost,
+                    "upstream_connections": len(pool.connections),
+                    "channels_in_use": sum(len(conn.channels) for conn in pool.connections),
+                    "clients": pool.clients,
+                }
+                for pool in pools
+            ],
+        )
 
     # --- shutting down ------------------------------------------------------------------------
 
@@ -199,6 +270,7 @@ class Worker:
                     m.CONNECTION_FORCED,
                     "CONNECTION_FORCED - amqproxy-mp is shutting down",
                     close_ok_timeout=None,
+                    kind="shutdown",
                 )
             timeout = config.term_timeout if config.term_timeout >= 0 else None
             await self._wait_until(lambda: not self.sessions, timeout)
@@ -214,8 +286,3 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not done() and (deadline is None or time.monotonic() < deadline):
             await asyncio.sleep(0.05)
-
-
-def run(config: Config) -> int:
-    """Run one worker in this process (the whole proxy, until the master exists)."""
-    return Worker(config).run()

@@ -37,11 +37,41 @@ CONNECTION_UNBLOCKED: Final = 0x000A003D
 CONNECTION_UPDATE_SECRET: Final = 0x000A0046
 CHANNEL_OPEN: Final = 0x0014000A
 CHANNEL_OPEN_OK: Final = 0x0014000B
+CHANNEL_FLOW: Final = 0x00140014
+CHANNEL_FLOW_OK: Final = 0x00140015
 CHANNEL_CLOSE: Final = 0x00140028
 CHANNEL_CLOSE_OK: Final = 0x00140029
+QUEUE_DECLARE: Final = 0x0032000A
+QUEUE_DECLARE_OK: Final = 0x0032000B
 BASIC_PUBLISH: Final = 0x003C0028
+BASIC_DELIVER: Final = 0x003C003C
+BASIC_GET_OK: Final = 0x003C0047
 
 CONNECTION_CLASS: Final = 10
+
+#: Methods a client may send on an open channel, besides the channel class (checked apart).
+#: Anything else (a server-only method, an unknown id) would make RabbitMQ close the whole
+#: upstream connection with 503/540, so it never leaves the proxy.
+CLIENT_CHANNEL_METHODS: Final = frozenset(
+    index
+    for index, method in commands.INDEX_MAPPING.items()
+    if method.name  # type: ignore[attr-defined]
+    in {
+        "Exchange.Declare", "Exchange.Delete", "Exchange.Bind", "Exchange.Unbind",
+        "Queue.Declare", "Queue.Bind", "Queue.Purge", "Queue.Delete", "Queue.Unbind",
+        "Basic.Qos", "Basic.Consume", "Basic.Cancel", "Basic.Publish", "Basic.Get",
+        "Basic.Ack", "Basic.Reject", "Basic.RecoverAsync", "Basic.Recover", "Basic.Nack",
+        "Confirm.Select", "Tx.Select", "Tx.Commit", "Tx.Rollback",
+    }
+)  # fmt: skip
+
+
+def method_name(index: int) -> str:
+    method = commands.INDEX_MAPPING.get(index)
+    if method is None:
+        return f"unknown method {index >> 16}.{index & 0xFFFF}"
+    return str(method.name)  # type: ignore[attr-defined]
+
 
 # AMQP reply codes the proxy itself sends.
 REPLY_SUCCESS: Final = 200

@@ -52,6 +52,7 @@ class FramedProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = time.monotonic()
+        self.count_received(len(data))
         self._buf += data
         if not self._parsing_paused:
             self._parse()
@@ -94,6 +95,12 @@ class FramedProtocol(asyncio.Protocol):
         if pos:
             del buf[:pos]
 
+    def count_received(self, size: int) -> None:
+        """Add to this hop's byte counter (plain ints; exported to metrics in batches)."""
+
+    def count_sent(self, size: int) -> None:
+        """Add to this hop's byte counter."""
+
     def frame_received(self, frame_type: int, channel: int, payload: memoryview) -> None:
         raise NotImplementedError
 
@@ -135,6 +142,7 @@ class FramedProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
             self.last_write = time.monotonic()
+            self.count_sent(len(data))
 
     def send_heartbeat_if_due(self, now: float) -> bool:
         """Originate a heartbeat on this hop; returns False when the peer has gone silent."""

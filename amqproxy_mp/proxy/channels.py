@@ -63,6 +63,7 @@ class ChannelLink:
         "client_number",
         "content_expected",
         "content_parts",
+        "declares",
         "state",
         "upstream",
         "upstream_number",
@@ -70,7 +71,7 @@ class ChannelLink:
 
     def __init__(
         self,
-        client: ClientSession,
+        client: ClientSession | None,
         client_number: int,
         upstream: UpstreamConnection,
         upstream_number: int,
@@ -84,3 +85,5 @@ class ChannelLink:
         self.content_parts: list[bytes] = []
         #: NO_CONTENT, HEADER_EXPECTED, or the number of body bytes still missing.
         self.content_expected = NO_CONTENT
+        #: For each Queue.Declare awaiting its DeclareOk: was it exclusive? (None: none pending)
+        self.declares: list[bool] | None = None

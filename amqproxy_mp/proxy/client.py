@@ -75,7 +75,12 @@ class ClientSession(FramedProtocol):
         self.frame_max = DEFAULT_FRAME_MAX
         #: Upstream connections that told us they block publishers.
         self._blocked_by: set[int] = set()
+        #: Exclusive queues this client declared, per upstream connection that owns them.
+        self.exclusive_queues: dict[UpstreamConnection, set[str]] = {}
         self._close_reason = ""
+        #: The reason label for the disconnect metric.
+        self._close_kind = ""
+        self.stats = worker.stats
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- connection lifecycle -------------------------------------------------------------
@@ -92,6 +97,7 @@ class ClientSession(FramedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._close_reason:
             self._close_reason = f"connection lost: {exc}" if exc else "client closed the socket"
+        self.stats.client_disconnects[self._close_kind or "socket_closed"] += 1
         self.state = CLOSED
         self.closed = True
         self._release_channels()
@@ -113,14 +119,22 @@ class ClientSession(FramedProtocol):
         else:
             log.info("client %s disconnected during handshake: %s", self.peer, self._close_reason)
 
+    def count_received(self, size: int) -> None:
+        self.stats.client_bytes_in += size
+
+    def count_sent(self, size: int) -> None:
+        self.stats.client_bytes_out += size
+
     def data_received(self, data: bytes) -> None:
         if self.state != AWAIT_HEADER:
             super().data_received(data)
             return
+        self.count_received(len(data))
         self._buf += data
         got = bytes(self._buf[:8])
         if got != PROTOCOL_HEADER[: len(got)]:
             self._close_reason = f"bad protocol header {got!r}"
+            self._close_kind = "protocol_error"
             self.send(PROTOCOL_HEADER)
             self.state = CLOSED
             self.close_transport()
@@ -140,11 +154,13 @@ class ClientSession(FramedProtocol):
         class_id: int = 0,
         method_id: int = 0,
         close_ok_timeout: float | None = CLOSE_OK_TIMEOUT,
+        kind: str = "upstream_closed",
     ) -> None:
         """Send Connection.Close to the client, give its channels back, await CloseOk."""
         if self.state in (CLOSING, CLOSED):
             return
         self._close_reason = f"closed by proxy: {code} {text}"
+        self._close_kind = kind
         self._release_channels()
         self.send(m.encode_method(0, commands.Connection.Close(code, text, class_id, method_id)))
         self.state = CLOSING
@@ -163,20 +179,27 @@ class ClientSession(FramedProtocol):
             self.transport.abort()
 
     def protocol_error(self, exc: FrameError) -> None:
+        if self.state == CLOSING:
+            # Already closing: the rest of what it sent is discarded. Closing the socket now,
+            # with unread bytes, would reset it and could destroy our Connection.Close.
+            return
         log.warning("client %s (user=%r) protocol error: %s", self.peer, self.user, exc.text)
-        if self.state < AWAIT_TUNE_OK or self.state == CLOSING:
+        if self.state < AWAIT_TUNE_OK:
             self._close_reason = f"protocol error: {exc.text}"
+            self._close_kind = "protocol_error"
             self.state = CLOSED
             self.close_transport()
         else:
-            self.close_with(exc.code, exc.text)
+            self.close_with(exc.code, exc.text, kind="protocol_error")
 
     def check_heartbeat(self, now: float, handshake_timeout: float) -> None:
         if self.state < OPENING and now - self.connected_at > handshake_timeout:
             self._close_reason = f"handshake not completed within {handshake_timeout:g} s"
+            self._close_kind = "handshake_timeout"
             self.abort()
         elif not self.send_heartbeat_if_due(now):
             self._close_reason = f"missed heartbeats (heartbeat {self.heartbeat} s)"
+            self._close_kind = "heartbeat"
             self.abort()
 
     # --- frames from the client -----------------------------------------------------------
@@ -219,6 +242,13 @@ class ClientSession(FramedProtocol):
             if mid >> 16 <= 20:  # connection and channel class: only a few are legal here
                 self._channel_class_method(link, mid, payload)
                 return
+            if mid not in m.CLIENT_CHANNEL_METHODS:
+                raise FrameError(
+                    m.COMMAND_INVALID,
+                    f"COMMAND_INVALID - {m.method_name(mid)} cannot be sent by a client",
+                )
+            if mid == m.QUEUE_DECLARE:
+                self._queue_declare(link, payload)
             upstream.send(frame(METHOD, number, payload))
         elif frame_type == HEADER:
             if expected != HEADER_EXPECTED:
@@ -255,6 +285,7 @@ class ClientSession(FramedProtocol):
             raise FrameError(m.FRAME_ERROR, f"FRAME_ERROR - frame type {frame_type} on a channel")
 
     def _publish(self, link: ChannelLink) -> None:
+        self.stats.published += 1
         link.upstream.send(b"".join(link.content_parts))
         link.content_parts.clear()
         link.content_expected = NO_CONTENT
@@ -270,13 +301,35 @@ class ClientSession(FramedProtocol):
             )
         elif mid == m.CHANNEL_CLOSE_OK:
             pass  # nothing of ours awaits it
-        elif mid >> 16 == m.CONNECTION_CLASS:
+        elif mid in (m.CHANNEL_FLOW, m.CHANNEL_FLOW_OK):
+            link.upstream.send(frame(METHOD, link.upstream_number, payload))
+        else:
             raise FrameError(
                 m.COMMAND_INVALID,
-                f"COMMAND_INVALID - connection method on channel {link.client_number}",
+                f"COMMAND_INVALID - {m.method_name(mid)} on channel {link.client_number}",
             )
-        else:  # channel.flow and channel.flow-ok go through
-            link.upstream.send(frame(METHOD, link.upstream_number, payload))
+
+    def _queue_declare(self, link: ChannelLink, payload: memoryview) -> None:
+        """Remember exclusive queues: they belong to the shared upstream connection, which
+        outlives this client, so the proxy deletes them when the client goes."""
+        declare = m.decode_method(payload)
+        assert isinstance(declare, commands.Queue.Declare)
+        exclusive = bool(declare.exclusive and not declare.passive)
+        if declare.nowait:
+            if exclusive and declare.queue:
+                self.exclusive_queues.setdefault(link.upstream, set()).add(declare.queue)
+            return
+        if link.declares is None:
+            link.declares = []
+        link.declares.append(exclusive)
+
+    def queue_declared(self, link: ChannelLink, payload: memoryview) -> None:
+        """A DeclareOk from the broker on one of this client's channels."""
+        assert link.declares
+        if link.declares.pop(0):
+            ok = m.decode_method(payload)
+            assert isinstance(ok, commands.Queue.DeclareOk)
+            self.exclusive_queues.setdefault(link.upstream, set()).add(ok.queue or "")
 
     def _channel_not_open(
         self, frame_type: int, channel: int, payload: memoryview, link: ChannelLink | None
@@ -346,7 +399,9 @@ class ClientSession(FramedProtocol):
             self._tasks.discard(t)
             if not t.cancelled() and t.exception() is not None:
                 log.error("client %s: internal error", self.peer, exc_info=t.exception())
-                self.close_with(m.INTERNAL_ERROR, "INTERNAL_ERROR - proxy error")
+                self.close_with(
+                    m.INTERNAL_ERROR, "INTERNAL_ERROR - proxy error", kind="internal_error"
+                )
             if not self.closed:
                 self.resume_parsing()
 
@@ -367,6 +422,7 @@ class ClientSession(FramedProtocol):
         if index == m.CONNECTION_CLOSE:
             assert isinstance(method, commands.Connection.Close)
             self._close_reason = "client closed the connection"
+            self._close_kind = "client_close"
             if method.reply_code != m.REPLY_SUCCESS:
                 self._close_reason += f" ({method.reply_code} {method.reply_text})"
             self._release_channels()
@@ -397,7 +453,7 @@ class ClientSession(FramedProtocol):
             self.user, self._password = m.parse_sasl_response(method.mechanism, method.response)
         except ValueError as exc:
             log.warning("client %s: authentication failed: %s", self.peer, exc)
-            self.close_with(m.ACCESS_REFUSED, f"ACCESS_REFUSED - {exc}", 10, 11)
+            self.close_with(m.ACCESS_REFUSED, f"ACCESS_REFUSED - {exc}", 10, 11, kind="auth_failed")
             return
         self.send(
             m.encode_method(
@@ -439,7 +495,12 @@ class ClientSession(FramedProtocol):
                     exc.code,
                     exc.text,
                 )
-            self.close_with(exc.code, exc.text, 10, 40)
+            refused = exc.code in (m.ACCESS_REFUSED, m.NOT_ALLOWED)
+            if refused:
+                self.stats.auth_failures[str(exc.code)] += 1
+            self.close_with(
+                exc.code, exc.text, 10, 40, kind="auth_failed" if refused else "upstream_closed"
+            )
             return
         if self.state != OPENING:
             self.worker.pools.forget_if_unused(pool)
@@ -480,6 +541,9 @@ class ClientSession(FramedProtocol):
             self.send(m.encode_method(0, commands.Connection.Unblocked()))
 
     def _release_channels(self) -> None:
+        for upstream, queues in self.exclusive_queues.items():
+            upstream.delete_queues(queues, self.channels.values())
+        self.exclusive_queues.clear()
         for link in self.channels.values():
             link.content_parts.clear()
             link.upstream.detach(link)

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from amqproxy_mp.metrics import Stats
 from amqproxy_mp.proxy.upstream import UpstreamConnection, UpstreamSettings, open_upstream
 
 if TYPE_CHECKING:
@@ -86,8 +87,11 @@ class Pool:
 class Pools:
     """All pools of one worker."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, settings: UpstreamSettings) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, stats: Stats, settings: UpstreamSettings
+    ) -> None:
         self.loop = loop
+        self.stats = stats
         self.settings = settings
         self._pools: dict[Credentials, Pool] = {}
 

@@ -12,6 +12,7 @@ import logging
 import platform
 import ssl
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -92,7 +93,7 @@ async def open_upstream(
     pool: Pool,
 ) -> UpstreamConnection:
     """Connect and complete the AMQP handshake, or raise UpstreamError within the timeout."""
-    user, vhost = pool.user, pool.vhost
+    stats = pool.pools.stats
     started = time.monotonic()
     conn: UpstreamConnection | None = None
     try:
@@ -105,60 +106,39 @@ async def open_upstream(
                 server_hostname=settings.host if settings.ssl_context else None,
             )
             await conn.ready
-    except TimeoutError:
-        if conn is not None:
-            conn.abort()
-        reason = f"no answer within {settings.connect_timeout:g} s"
-        log.error(
-            "upstream %s unreachable for user=%r vhost=%r: %s",
-            settings.address,
-            user,
-            vhost,
-            reason,
-        )
-        raise UpstreamError(
-            m.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream {settings.address} {reason}"
-        ) from None
-    except ssl.SSLError as exc:
-        reason = f"TLS handshake failed: {exc.reason or exc}"
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            reason = f"certificate verification failed: {exc.verify_message}"
-        log.error("upstream %s: %s", settings.address, reason)
-        raise UpstreamError(
-            m.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream {settings.address} {reason}"
-        ) from None
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        log.error(
-            "upstream %s unreachable for user=%r vhost=%r: %s",
-            settings.address,
-            user,
-            vhost,
-            reason,
-        )
-        raise UpstreamError(
-            m.CONNECTION_FORCED,
-            f"CONNECTION_FORCED - upstream {settings.address} unreachable: {reason}",
-        ) from None
     except UpstreamError as exc:
-        log.debug(
-            "upstream %s refused user=%r vhost=%r: %s %s",
-            settings.address,
-            user,
-            vhost,
-            exc.code,
-            exc.text,
-        )
+        refused = exc.code in (m.ACCESS_REFUSED, m.NOT_ALLOWED)
+        stats.upstream_errors["refused" if refused else "closed_by_broker"] += 1
         raise
-    log.info(
-        "upstream connection opened to %s for user=%r vhost=%r (local port %s, %.1f ms)",
-        settings.address,
-        user,
-        vhost,
-        conn.local_port,
-        (time.monotonic() - started) * 1000,
+    except TimeoutError:
+        kind, reason = "timeout", f"did not answer within {settings.connect_timeout:g} s"
+    except ssl.SSLCertVerificationError as exc:
+        kind, reason = "tls", f"certificate verification failed: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        kind, reason = "tls", f"TLS handshake failed: {exc.reason or exc}"
+    except OSError as exc:
+        kind, reason = "unreachable", f"unreachable: {exc.strerror or exc}"
+    else:
+        elapsed = time.monotonic() - started
+        stats.upstream_connect_seconds.append(elapsed)
+        log.info(
+            "upstream connection opened to %s for user=%r vhost=%r (local port %s, %.1f ms)",
+            settings.address,
+            pool.user,
+            pool.vhost,
+            conn.local_port,
+            elapsed * 1000,
+        )
+        return conn
+    if conn is not None:
+        conn.abort()
+    stats.upstream_errors[kind] += 1
+    log.error(
+        "upstream %s for user=%r vhost=%r: %s", settings.address, pool.user, pool.vhost, reason
     )
-    return conn
+    raise UpstreamError(
+        m.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream {settings.address} {reason}"
+    )
 
 
 class UpstreamConnection(FramedProtocol):
@@ -177,10 +157,17 @@ class UpstreamConnection(FramedProtocol):
         self.blocked: str | None = None
         self.idle_since = time.monotonic()
         self.local_port: int | None = None
+        self.stats = pool.pools.stats
         self._handshake_step = m.CONNECTION_START
         self._close_reason = ""
 
     # --- connection lifecycle -------------------------------------------------------------
+
+    def count_received(self, size: int) -> None:
+        self.stats.upstream_bytes_in += size
+
+    def count_sent(self, size: int) -> None:
+        self.stats.upstream_bytes_out += size
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -198,6 +185,7 @@ class UpstreamConnection(FramedProtocol):
             return
         self.pool.connection_gone(self)
         if was == READY:
+            self.pool.pools.stats.upstream_errors["lost"] += 1
             reason = f"connection lost: {exc}" if exc else "connection closed by broker"
             log.warning(
                 "upstream connection to %s (user=%r vhost=%r) %s",
@@ -264,6 +252,10 @@ class UpstreamConnection(FramedProtocol):
                         return
                     if mid == m.CHANNEL_OPEN_OK:
                         return  # the proxy already answered the client's Channel.Open
+                    if mid == m.BASIC_DELIVER or mid == m.BASIC_GET_OK:
+                        self.stats.delivered += 1
+                    elif mid == m.QUEUE_DECLARE_OK and link.declares:
+                        link.client.queue_declared(link, payload)
                 link.client.deliver(frame_type, link.client_number, payload)
             elif frame_type == METHOD:
                 self._closing_channel_method(link, method_id(payload))
@@ -333,6 +325,7 @@ class UpstreamConnection(FramedProtocol):
             close = m.decode_method(payload)
             assert isinstance(close, commands.Connection.Close)
             self.send(m.encode_method(0, commands.Connection.CloseOk()))
+            self.stats.upstream_errors["closed_by_broker"] += 1
             log.warning(
                 "upstream %s (user=%r vhost=%r) closed by broker: %s %s",
                 self.settings.address,
@@ -375,6 +368,7 @@ class UpstreamConnection(FramedProtocol):
                 client.upstream_unblocked(self)
 
     def missed_heartbeats(self) -> None:
+        self.stats.upstream_errors["heartbeat"] += 1
         log.warning(
             "upstream %s (user=%r vhost=%r) missed heartbeats (heartbeat %s s)",
             self.settings.address,
@@ -412,6 +406,26 @@ class UpstreamConnection(FramedProtocol):
         """Open the upstream channel for a link; the client was answered already."""
         self.channels[link.upstream_number] = link
         self.send(frame(METHOD, link.upstream_number, CHANNEL_OPEN_PAYLOAD))
+
+    def delete_queues(self, queues: set[str], links: Iterable[ChannelLink]) -> None:
+        """Delete a departing client's exclusive queues, on one of its open channels here
+        or else on a channel opened for just that."""
+        if self.state != READY:
+            return
+        link = next((x for x in links if x.upstream is self and x.state == OPEN), None)
+        temporary = link is None
+        if link is None:
+            number = self.numbers.allocate()
+            if number is None:
+                log.warning("no free channel to delete exclusive queues %s", sorted(queues))
+                return
+            link = ChannelLink(None, 0, self, number)
+            self.attach(link)
+        for queue in sorted(queues):
+            delete = commands.Queue.Delete(queue=queue, nowait=True)
+            self.send(m.encode_method(link.upstream_number, delete))
+        if temporary:
+            self.detach(link)
 
     def detach(self, link: ChannelLink) -> None:
         """The client is gone: close its upstream channel unless that is already under way."""
