@@ -1,0 +1,85 @@
+"""Connection.Blocked / Unblocked (RabbitMQ memory alarm) reach the clients."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pika
+
+from .helpers import Names, Target, drain, queue_counts, rabbitmqctl
+
+
+def test_blocked_and_unblocked_reach_pika_clients(
+    proxy: Target, names: Names, restore_watermark: Callable[[], None]
+) -> None:
+    events: list[tuple[str, str, str]] = []
+
+    def client(tag: str) -> pika.BlockingConnection:
+        c = proxy.connect()
+        c.add_on_connection_blocked_callback(
+            lambda _c, m: events.append((tag, "blocked", m.method.reason))
+        )
+        c.add_on_connection_unblocked_callback(lambda _c, m: events.append((tag, "unblocked", "")))
+        return c
+
+    q = names.queue("blocked")
+    a = client("a")
+    ach = a.channel()
+    ach.queue_declare(q)
+    b = None
+    try:
+        rabbitmqctl("set_vm_memory_high_watermark", "0")
+        ach.basic_publish("", q, b"published while blocked")
+        drain(
+            a,
+            lambda: ("a", "blocked", "low on memory") in events,
+            timeout=15,
+            what="Connection.Blocked on client a",
+        )
+        # a second client on the same credentials learns it too (on join or on publish)
+        b = client("b")
+        bch = b.channel()
+        bch.basic_publish("", q, b"second while blocked")
+        drain(
+            b,
+            lambda: ("b", "blocked", "low on memory") in events,
+            timeout=15,
+            what="Connection.Blocked on client b",
+        )
+        assert queue_counts(q)[0] == 0  # nothing got through while blocked
+    finally:
+        restore_watermark()
+
+    def both_unblocked() -> bool:
+        a.process_data_events(time_limit=0.02)
+        if b is not None:
+            b.process_data_events(time_limit=0.02)
+        return ("a", "unblocked", "") in events and ("b", "unblocked", "") in events
+
+    deadline = time.monotonic() + 20
+    while not both_unblocked():
+        assert time.monotonic() < deadline, f"no Connection.Unblocked: {events}"
+    assert [e for e in events if e[0] == "a"] == [
+        ("a", "blocked", "low on memory"),
+        ("a", "unblocked", ""),
+    ]
+    assert [e for e in events if e[0] == "b"] == [
+        ("b", "blocked", "low on memory"),
+        ("b", "unblocked", ""),
+    ]
+    deadline = time.monotonic() + 10
+    while queue_counts(q)[0] != 2:
+        assert time.monotonic() < deadline, "the held messages were not delivered"
+        a.process_data_events(time_limit=0.05)
+    got: list[Any] = []
+    while True:
+        m, _, body = ach.basic_get(q, auto_ack=True)
+        if m is None:
+            break
+        got.append(body)
+    assert sorted(got) == [b"published while blocked", b"second while blocked"]
+    a.close()
+    assert b is not None
+    b.close()

@@ -1,0 +1,130 @@
+"""The server side of the AMQP handshake as the proxy speaks it (raw sockets + pamqp)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from pamqp import commands
+
+from .helpers import AMQP_HEADER, Names, ProxyFactory, RawClient, Target, queue_counts
+
+PHP_DIR = __import__("pathlib").Path(__file__).parent / "php"
+
+CAPABILITIES = [
+    "publisher_confirms",
+    "basic.nack",
+    "consumer_cancel_notify",
+    "connection.blocked",
+    "exchange_exchange_bindings",
+    "authentication_failure_close",
+    "per_consumer_qos",
+    "direct_reply_to",
+]
+
+
+@pytest.mark.parametrize(
+    "bad_header",
+    [
+        b"HTTP/1.1",  # not AMQP at all
+        b"AMQP\x03\x01\x00\x00",  # AMQP 1.0 (SASL) header
+        b"AMQP\x00\x00\x08\x00",  # AMQP 0-8
+    ],
+)
+def test_wrong_protocol_header_gets_091_header_and_close(proxy: Target, bad_header: bytes) -> None:
+    with RawClient(proxy.host, proxy.port) as c:
+        c.send_raw(bad_header)
+        data = c.read_until_closed()
+    assert data == AMQP_HEADER
+
+
+def test_connection_start_properties(proxy: Target) -> None:
+    with RawClient(proxy.host, proxy.port) as c:
+        c.send_raw(AMQP_HEADER)
+        ch, start = c.read_method()
+    assert ch == 0
+    assert isinstance(start, commands.Connection.Start)
+    assert (start.version_major, start.version_minor) == (0, 9)
+    mechanisms = start.mechanisms.split()
+    assert "PLAIN" in mechanisms
+    assert "AMQPLAIN" in mechanisms
+    assert "en_US" in start.locales.split()
+    props = start.server_properties
+    assert isinstance(props.get("product"), str | bytes) and props["product"]
+    caps = props["capabilities"]
+    for cap in CAPABILITIES:
+        assert caps.get(cap) is True, f"capability {cap} is {caps.get(cap)!r}: {caps}"
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "AMQPLAIN"])
+def test_full_raw_handshake(proxy: Target, mechanism: str) -> None:
+    with RawClient(proxy.host, proxy.port) as c:
+        res = c.handshake("guest", "guest", "/", mechanism=mechanism)
+        assert "close" not in res, res.get("close")
+        tune = res["tune"]
+        assert tune.heartbeat > 0, "the proxy must propose a heartbeat to clients"
+        assert tune.frame_max >= 4096
+        assert tune.channel_max > 0
+        assert isinstance(res["open_ok"], commands.Connection.OpenOk)
+        # the connection really works: open a channel, declare a server-named queue
+        c.send(commands.Channel.Open(), 1)
+        ch, m = c.read_method()
+        assert (ch, type(m)) == (1, commands.Channel.OpenOk)
+        c.send(commands.Queue.Declare(queue="", exclusive=True, auto_delete=True), 1)
+        ch, m = c.read_method()
+        assert ch == 1 and isinstance(m, commands.Queue.DeclareOk), m
+        assert m.queue.startswith("amq.gen-")
+        c.send(commands.Queue.Delete(queue=m.queue), 1)
+        ch, m = c.read_method()
+        assert ch == 1 and isinstance(m, commands.Queue.DeleteOk), m
+        # and closes cleanly
+        c.send(commands.Connection.Close(200, "bye", 0, 0))
+        ch, m = c.read_method()
+        assert (ch, type(m)) == (0, commands.Connection.CloseOk)
+
+
+def test_heartbeat_from_tune_is_honoured_on_raw_socket(proxy_factory: ProxyFactory) -> None:
+    """With heartbeat 1 accepted in TuneOk, the server side sends heartbeat frames."""
+    from pamqp import heartbeat as hb
+
+    p = proxy_factory("--client-heartbeat", "1")
+    with RawClient(p.host, p.port, timeout=6) as c:
+        res = c.handshake(heartbeat_s=1)
+        assert "open_ok" in res
+        ch, f = c.read_frame()  # nothing else is due on an idle connection
+        assert ch == 0 and isinstance(f, hb.Heartbeat), f
+
+
+def test_php_amqplib_amqplain_handshake(proxy: Target, names: Names) -> None:
+    """php-amqplib logs in with AMQPLAIN by default; publish + get work byte-exact."""
+    import pika
+
+    q = names.queue("amqplib")
+    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    conn.channel().queue_declare(q)
+    conn.close()
+    body = bytes(range(256)) * 3 + b"\x00end"
+    res = subprocess.run(
+        [
+            "php",
+            str(PHP_DIR / "amqplib_roundtrip.php"),
+            proxy.host,
+            str(proxy.port),
+            "guest",
+            "guest",
+            "/",
+            q,
+            body.hex(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["connected"] is True, out
+    assert bytes.fromhex(out["body_hex"]) == body
+    assert out["content_type"] == "application/octet-stream"
+    assert out["message_id"] == "php-amqplib-1"
+    assert queue_counts(q) == (0, 0)

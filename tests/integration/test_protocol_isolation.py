@@ -1,0 +1,258 @@
+"""A misbehaving client is closed alone: clients sharing its upstream connection go on."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+from pamqp import body, commands, frame, header
+
+from .helpers import (
+    BROKER_HOST,
+    BROKER_PORT,
+    Names,
+    ProxyFactory,
+    ProxyProcess,
+    RawClient,
+    RawClosed,
+    Target,
+    drain,
+    get_all,
+    queue_counts,
+    wait_for,
+)
+
+BAD_INPUTS: list[tuple[str, Callable[[RawClient], None], set[int]]] = [
+    (
+        "method on a channel never opened",
+        lambda c: c.send(commands.Queue.Declare(queue="x"), 5),
+        {504},
+    ),
+    (
+        "bad frame-end octet",
+        lambda c: c.send_raw(frame.marshal(commands.Queue.Declare(queue="x"), 1)[:-1] + b"\x00"),
+        {501},
+    ),
+    (
+        "content header without a method",
+        lambda c: c.send(header.ContentHeader(0, 3, commands.Basic.Properties()), 1),
+        {505},
+    ),
+    ("content body without a method", lambda c: c.send(body.ContentBody(b"abc"), 1), {505}),
+    ("unknown frame type", lambda c: c.send_raw(b"\x09\x00\x01\x00\x00\x00\x01x\xce"), {501}),
+    (
+        "frame larger than frame_max",
+        lambda c: c.send_raw(
+            b"\x03\x00\x01" + (200000).to_bytes(4, "big") + b"x" * 200000 + b"\xce"
+        ),
+        {501},
+    ),
+    (
+        "unknown method class",
+        lambda c: c.send_raw(b"\x01\x00\x01\x00\x00\x00\x04\x00\x63\x00\x01\xce"),
+        {501, 503, 540, 0},
+    ),  # 0: RabbitMQ itself just drops the socket here
+    (
+        "body frame after a complete message",
+        lambda c: (c.publish(1, "", "itest-nowhere", b"abc"), c.send(body.ContentBody(b"x"), 1)),
+        {505},
+    ),
+]
+
+
+def close_code(c: RawClient) -> int:
+    """The reply code of the Connection.Close the server sends (0 if it only drops us)."""
+    try:
+        while True:
+            ch, m = c.read_method()
+            if isinstance(m, commands.Connection.Close):
+                assert ch == 0
+                c.send(commands.Connection.CloseOk())
+                return int(m.reply_code)
+    except (RawClosed, OSError):
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("what", "send_bad", "codes"), BAD_INPUTS, ids=[w for w, _, _ in BAD_INPUTS]
+)
+def test_bad_frames_close_only_the_offender(
+    proxy_factory: ProxyFactory,
+    names: Names,
+    what: str,
+    send_bad: Callable[[RawClient], None],
+    codes: set[int],
+) -> None:
+    p = proxy_factory("-t", "60")
+    q = names.queue("bystander")
+    bystander = p.connect()
+    bch = bystander.channel()
+    bch.queue_declare(q)
+    got: list[bytes] = []
+    bch.basic_consume(q, lambda _c, _m, _p, b: got.append(b), auto_ack=True)
+    upstream = p.upstream_local_ports() if isinstance(p, ProxyProcess) else None
+    if upstream is not None:
+        assert len(upstream) == 1
+    with RawClient(p.host, p.port) as c:
+        assert "open_ok" in c.handshake()
+        c.send(commands.Channel.Open(), 1)
+        assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
+        # the offender shares the bystander's upstream connection
+        c.send(commands.Queue.Declare(queue=q, passive=True), 1)
+        assert isinstance(c.read_method()[1], commands.Queue.DeclareOk)
+        send_bad(c)
+        code = close_code(c)
+    bch.basic_publish("", q, b"still here")
+    drain(bystander, lambda: got == [b"still here"], what="the bystander's message")
+    if upstream is not None:
+        assert p.upstream_local_ports() == upstream, "upstream connection replaced"
+    assert code in codes, f"offender got {code or 'a dropped socket'}, want one of {codes}"
+    bystander.close()
+
+
+def test_client_dying_mid_message_publishes_nothing(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    p = proxy_factory("-t", "60")
+    q = names.queue("halfmsg")
+    other = p.connect()
+    och = other.channel()
+    och.queue_declare(q)
+    for cut in ("after-method", "after-header", "mid-body"):
+        c = RawClient(p.host, p.port)
+        assert "open_ok" in c.handshake()
+        c.send(commands.Channel.Open(), 1)
+        assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
+        data = frame.marshal(commands.Basic.Publish(exchange="", routing_key=q), 1)
+        if cut != "after-method":
+            data += frame.marshal(header.ContentHeader(0, 100, commands.Basic.Properties()), 1)
+        if cut == "mid-body":
+            data += frame.marshal(body.ContentBody(b"h" * 50), 1)
+        c.send_raw(data)
+        c.close()
+        och.basic_publish("", q, f"complete-{cut}".encode())
+    time.sleep(0.3)  # let anything that would wrongly be published arrive
+    got = [b for _, _, b in get_all(och, q)]
+    assert got == [b"complete-after-method", b"complete-after-header", b"complete-mid-body"]
+    other.close()
+
+
+def passive_code(name: str) -> int:
+    """200 if the queue exists and is accessible, else the broker's channel close code
+    (404 missing, 405 exclusive to another connection)."""
+    try:
+        queue_counts(name)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        return int(exc.reply_code)
+    return 200
+
+
+def test_exclusive_queue_deleted_when_client_leaves(proxy: Target) -> None:
+    conn = proxy.connect()
+    ch = conn.channel()
+    q = ch.queue_declare("", exclusive=True).method.queue
+    named = f"itest-excl-{time.monotonic_ns()}"
+    ch.queue_declare(named, exclusive=True)
+    assert passive_code(q) == passive_code(named) == 405  # exists, owned by another connection
+    conn.close()
+    wait_for(
+        lambda: passive_code(q) == passive_code(named) == 404,
+        timeout=5,
+        what="exclusive queues deleted",
+    )
+
+
+def test_exclusive_queue_deleted_when_client_drops(proxy: Target) -> None:
+    c = RawClient(proxy.host, proxy.port)
+    assert "open_ok" in c.handshake()
+    c.send(commands.Channel.Open(), 1)
+    assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
+    c.send(commands.Queue.Declare(queue="", exclusive=True), 1)
+    _, ok = c.read_method()
+    assert isinstance(ok, commands.Queue.DeclareOk)
+    assert passive_code(ok.queue) == 405
+    c.close()
+    wait_for(
+        lambda: passive_code(ok.queue) == 404,
+        timeout=5,
+        what="exclusive queue of a dropped client deleted",
+    )
+
+
+@pytest.mark.parametrize("scenario", ["consume", "get"])
+def test_unacked_of_closed_channel_requeued_others_unaffected(
+    proxy: Target, names: Any, scenario: str
+) -> None:
+    q = names.queue("unacked")
+    b = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST, BROKER_PORT))
+    bch = b.channel()
+    bch.queue_declare(q)
+    for i in range(4):
+        bch.basic_publish("", q, f"u{i}".encode())
+    conn = proxy.connect()
+    ch = conn.channel()
+    if scenario == "consume":
+        got: list[bytes] = []
+        ch.basic_qos(prefetch_count=2)
+        ch.basic_consume(q, lambda _c, _m, _p, body: got.append(body))
+        drain(conn, lambda: len(got) == 2, what="2 deliveries")
+    else:
+        assert ch.basic_get(q)[2] == b"u0"
+        assert ch.basic_get(q)[2] == b"u1"
+    ch.close()  # the unacked two go back to the queue; the connection stays
+    wait_for(lambda: queue_counts(q) == (4, 0), what="unacked messages requeued")
+    ch2 = conn.channel()
+    assert sorted(body for _, _, body in get_all(ch2, q)) == [b"u0", b"u1", b"u2", b"u3"]
+    conn.close()
+    b.close()
+
+
+def test_slow_client_does_not_stall_others(proxy_factory: ProxyFactory, names: Names) -> None:
+    """A consumer that stops reading its socket must not stall the clients sharing its
+    upstream connection; the proxy bounds what it buffers for it and drops it."""
+    p = proxy_factory("-t", "60")
+    q_slow, q_fast = names.queue("slow"), names.queue("fast")
+    b = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST, BROKER_PORT))
+    bch = b.channel()
+    bch.queue_declare(q_slow)
+    chunk = b"s" * (1024 * 1024)
+    for _ in range(128):  # 128 MiB waiting for the slow consumer
+        bch.basic_publish("", q_slow, chunk)
+    b.close()
+    fast = p.connect()
+    fch = fast.channel()
+    fch.queue_declare(q_fast)
+    slow = RawClient(p.host, p.port)
+    try:
+        slow.sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 65536)
+        assert "open_ok" in slow.handshake()
+        slow.send(commands.Channel.Open(), 1)
+        assert isinstance(slow.read_method()[1], commands.Channel.OpenOk)
+        slow.send(commands.Basic.Consume(queue=q_slow, no_ack=True), 1)
+        # ... and never read again. Meanwhile the other client goes on:
+        t0 = time.monotonic()
+        for i in range(20):
+            fch.basic_publish("", q_fast, f"fast-{i}".encode())
+            deadline = time.monotonic() + 5
+            while True:
+                m, _, body = fch.basic_get(q_fast, auto_ack=True)
+                if m is not None:
+                    break
+                assert time.monotonic() < deadline, f"fast client stalled at message {i}"
+                time.sleep(0.01)
+            assert body == f"fast-{i}".encode()
+        assert time.monotonic() - t0 < 15
+        if isinstance(p, ProxyProcess):
+            # the proxy gave up on the slow client: its consumer is gone upstream
+            wait_for(
+                lambda: queue_counts(q_slow)[1] == 0,
+                timeout=20,
+                what="the slow consumer to be dropped",
+            )
+    finally:
+        slow.close()
+        fast.close()
