@@ -55,9 +55,11 @@ class Config:
     max_upstream_channels: int = 0
     term_client_close_timeout: float = 0.0
     term_timeout: float = -1.0
+    retire_client_close_timeout: float = 5.0
     client_heartbeat: int = 60
     upstream_heartbeat: int = 60
     client_handshake_timeout: float = 10.0
+    client_max_buffer: int = 32 * 1024 * 1024
     upstream_connect_timeout: float = 10.0
     upstream_tls_ca_file: str | None = None
     upstream_tls_cert_file: str | None = None
@@ -313,6 +315,12 @@ OPTIONS: tuple[Option, ...] = (
         default_text="-1 (wait forever)",
     ),
     _opt(
+        "retire_client_close_timeout", _seconds(), _SECONDS_GE_0,
+        help="on HUP and TTOU, seconds a retiring worker waits for its clients to close before "
+        "closing them (at least term_client_close_timeout)", metavar="SECONDS",
+        yaml_types=_NUMBER,
+    ),
+    _opt(
         "client_heartbeat", _int_in(0, 65535), "an integer 0..65535 (0: no heartbeats)",
         help="heartbeat interval in seconds proposed to clients", metavar="SECONDS",
         yaml_types=(int,),
@@ -326,6 +334,12 @@ OPTIONS: tuple[Option, ...] = (
         "client_handshake_timeout", _seconds(positive=True), _SECONDS_GT_0,
         help="seconds a client has to finish the AMQP handshake", metavar="SECONDS",
         yaml_types=_NUMBER,
+    ),
+    _opt(
+        "client_max_buffer", _int_in(65536, 2**40), "a number of bytes >= 65536",
+        help="bytes the proxy holds for a client that does not read fast enough; a client "
+        "over it is disconnected, so it cannot stall or bloat the shared upstream connection",
+        metavar="BYTES", yaml_types=(int,), default_text="33554432 (32 MiB)",
     ),
     _opt(
         "upstream_connect_timeout", _seconds(positive=True), _SECONDS_GT_0,

@@ -81,6 +81,7 @@ class ClientSession(FramedProtocol):
         #: The reason label for the disconnect metric.
         self._close_kind = ""
         self.stats = worker.stats
+        self.max_buffer = worker.config.client_max_buffer
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- connection lifecycle -------------------------------------------------------------
@@ -118,6 +119,22 @@ class ClientSession(FramedProtocol):
             )
         else:
             log.info("client %s disconnected during handshake: %s", self.peer, self._close_reason)
+
+    def flush(self) -> None:
+        super().flush()
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > self.max_buffer:
+            log.warning(
+                "client %s (user=%r vhost=%r) is not reading: over %d bytes waiting for it; "
+                "disconnecting it",
+                self.peer,
+                self.user,
+                self.vhost,
+                self.max_buffer,
+            )
+            self._close_reason = f"too slow: more than {self.max_buffer} bytes unsent"
+            self._close_kind = "slow_client"
+            self.abort()
 
     def count_received(self, size: int) -> None:
         self.stats.client_bytes_in += size
