@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in loaded.warnings:
         logging.warning("%s", warning)
 
-    from amqproxy_mp.worker import Worker  # imported late: config errors must not need it
+    from amqproxy_mp.master import run  # imported late: config errors must not need it
 
-    exit_code: int = Worker(loaded.config).run()
+    exit_code: int = run(loaded.config, args)
     return exit_code

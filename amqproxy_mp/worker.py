@@ -115,6 +115,7 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._signals = 0
         self._quick = False
+        self._retiring = False
 
     # --- running ----------------------------------------------------------------------------
 
@@ -138,7 +139,7 @@ class Worker:
                 exc.strerror or exc,
             )
             return 1
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for signum in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT, signal.SIGQUIT):
             self.loop.add_signal_handler(signum, self._on_signal, signum)
         self.loop.add_signal_handler(signal.SIGUSR1, reopen_log_file)
         self._beat()  # the first beat tells the master this worker accepts
@@ -178,12 +179,14 @@ class Worker:
         )
 
     def _on_signal(self, signum: int) -> None:
-        """TERM: graceful stop. INT, QUIT, or a second TERM: close everything now."""
+        """TERM: graceful stop; USR2: retire (the same, replaced by a new worker).
+        INT, QUIT, or a second TERM: close everything now."""
         self._signals += 1
         assert self._stopping is not None
         name = signal.Signals(signum).name
-        if signum == signal.SIGTERM and self._signals == 1:
-            log.info("received %s: shutting down gracefully", name)
+        if signum in (signal.SIGTERM, signal.SIGUSR2) and self._signals == 1:
+            self._retiring = signum == signal.SIGUSR2
+            log.info("received %s: %s", name, "retiring" if self._retiring else "shutting down")
         else:
             log.info("received %s: closing all connections now", name)
             self._quick = True
@@ -252,17 +255,20 @@ class Worker:
     # --- shutting down ------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        """Stop accepting, let clients leave, then close the rest with 320 CONNECTION_FORCED."""
+        """Stop accepting, let clients leave, then close the rest with 320 CONNECTION_FORCED.
+
+        A worker retired by a reload (SIGUSR2) gives its clients at least
+        retire_client_close_timeout: its replacement already accepts, and short-lived clients
+        (connect, publish, disconnect) should finish rather than fail."""
         config = self.config
         for server in self._servers:
             server.close()
-        if self.sessions and config.term_client_close_timeout > 0:
-            log.info(
-                "waiting up to %g s for %d clients to disconnect",
-                config.term_client_close_timeout,
-                len(self.sessions),
-            )
-            await self._wait_until(lambda: not self.sessions, config.term_client_close_timeout)
+        grace = config.term_client_close_timeout
+        if self._retiring:
+            grace = max(grace, config.retire_client_close_timeout)
+        if self.sessions and grace > 0:
+            log.info("waiting up to %g s for %d clients to disconnect", grace, len(self.sessions))
+            await self._wait_until(lambda: not self.sessions, grace)
         if self.sessions:
             log.info("closing %d remaining client connections", len(self.sessions))
             for session in list(self.sessions):

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +255,9 @@ class Target:
                 if conn.is_open:
                     conn.close()
 
+    def log_text(self) -> str:
+        return ""
+
     def url(self, user: str = "guest", password: str = "guest", vhost: str = "/") -> str:
         from urllib.parse import quote
 
@@ -271,9 +274,6 @@ class DirectTarget(Target):
 
     def __init__(self) -> None:
         self.port = BROKER_PORT
-
-    def log_text(self) -> str:
-        return ""
 
 
 _PROXY_ENV = {
@@ -299,7 +299,7 @@ class ProxyProcess(Target):
     def __init__(
         self,
         log_path: Path,
-        options: Iterable[str] = (),
+        options: Sequence[str] = (),
         upstream: str | None = None,
         upstream_port: int = BROKER_PORT,
         env: dict[str, str] | None = None,
@@ -319,6 +319,9 @@ class ProxyProcess(Target):
             str(self.port),
             "--http-port",
             str(self.http_port),
+            # one worker unless a test asks for more: pooling assertions count upstream
+            # connections, and each worker has its own pools
+            *(() if {"-w", "--workers"} & set(options) else ("--workers", "1")),
             *options,
             self.upstream,
         ]
