@@ -11,7 +11,7 @@ import pika
 import pika.exceptions
 import pytest
 from pamqp import body as pbody
-from pamqp import commands, header
+from pamqp import commands, frame, header
 
 from .helpers import Names, RawClient, Target, drain, get_all, queue_counts
 
@@ -233,7 +233,7 @@ def test_raw_content_header_bytes_pass_unchanged(proxy: Target, names: Names) ->
         c.send(commands.Channel.Open(), 1)
         assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
         hdr = header.ContentHeader(0, len(body), props)
-        sent_hdr = __import__("pamqp").frame.marshal(hdr, 1)
+        sent_hdr = frame.marshal(hdr, 1)
         c.send(commands.Basic.Publish(exchange="", routing_key=q), 1)
         c.send_raw(sent_hdr)
         c.send(pbody.ContentBody(body), 1)

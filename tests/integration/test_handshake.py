@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from pamqp import commands
 
 from .helpers import AMQP_HEADER, Names, ProxyFactory, RawClient, Target, queue_counts
 
-PHP_DIR = __import__("pathlib").Path(__file__).parent / "php"
+PHP_DIR = Path(__file__).parent / "php"
 
 CAPABILITIES = [
     "publisher_confirms",

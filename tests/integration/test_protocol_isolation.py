@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -228,7 +229,7 @@ def test_slow_client_does_not_stall_others(proxy_factory: ProxyFactory, names: N
     fch.queue_declare(q_fast)
     slow = RawClient(p.host, p.port)
     try:
-        slow.sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 65536)
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         assert "open_ok" in slow.handshake()
         slow.send(commands.Channel.Open(), 1)
         assert isinstance(slow.read_method()[1], commands.Channel.OpenOk)
