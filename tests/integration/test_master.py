@@ -352,3 +352,46 @@ def test_second_instance_on_the_same_port_fails_at_once(proxy_factory: ProxyFact
     assert "already in use" in second.stderr
     conn = p.connect()  # the first one still serves
     conn.close()
+
+
+def test_crash_looping_worker_backs_off_and_recovers(
+    proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    """A worker that cannot start (here: its upstream CA file vanished) is restarted with
+    growing delays, /healthz says why, and it comes back once the cause is fixed."""
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes())
+    p = proxy_factory(
+        "--workers", "1", "--upstream-tls-ca-file", str(ca), upstream="amqps://127.0.0.1:1"
+    )
+    assert p.proc is not None
+    title = " ".join(psutil.Process(p.proc.pid).cmdline()).strip()
+    assert title == f"amqproxy: master [127.0.0.1:{p.port} -> amqps://127.0.0.1:1]"
+    (pid,) = workers_of(p).values()
+    ca.unlink()
+    os.kill(pid, signal.SIGKILL)
+    p.wait_log(r"failures in a row, restarting in 2 s", timeout=10)
+    status, reason = http_get(p, "/healthz")
+    assert status == 503
+    assert reason.startswith(("no worker alive", "crash-looping")), reason
+    assert "worker 1 exited with code 1" in reason
+    ca.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes())
+    wait_for(lambda: http_get(p, "/healthz") == (200, "OK\n"), timeout=15, what="recovered")
+    assert metric(p, "amqproxy_worker_restarts_total", reason="exit") >= 2
+
+
+def test_usr1_reopens_the_log_file(proxy_factory: ProxyFactory, tmp_path: Path) -> None:
+    log_file = tmp_path / "amqproxy.log"
+    p = proxy_factory("--workers", "1", "--log-file", str(log_file))
+    wait_for(lambda: "master started" in log_file.read_text(), what="master logging to file")
+    rotated = tmp_path / "amqproxy.log.1"
+    log_file.rename(rotated)  # what logrotate does
+    p.signal(signal.SIGUSR1)
+    wait_for(log_file.exists, what="log file reopened by the master")
+    conn = p.connect()  # a worker logs this client
+    conn.close()
+    wait_for(
+        lambda: "connected as user='guest'" in log_file.read_text(),
+        what="the worker writing to the new file",
+    )
+    assert "reopening the log file" in rotated.read_text()
