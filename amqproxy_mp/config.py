@@ -53,6 +53,9 @@ class Config:
     log_level: str = "info"
     idle_connection_timeout: float = 5.0
     max_upstream_channels: int = 0
+    max_upstream_connections: int = 100
+    upstream_max_lifetime: float = 3600.0
+    max_client_connections: int = 10000
     term_client_close_timeout: float = 0.0
     term_timeout: float = -1.0
     retire_client_close_timeout: float = 5.0
@@ -60,6 +63,7 @@ class Config:
     upstream_heartbeat: int = 60
     client_handshake_timeout: float = 10.0
     client_max_buffer: int = 32 * 1024 * 1024
+    max_message_size: int = 128 * 1024 * 1024
     upstream_connect_timeout: float = 10.0
     upstream_tls_ca_file: str | None = None
     upstream_tls_cert_file: str | None = None
@@ -304,6 +308,22 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N", yaml_types=(int,), default_text="0 (the broker's channel_max)",
     ),
     _opt(
+        "max_upstream_connections", _int_in(0, 65535), "an integer 0..65535 (0: no limit)",
+        help="upstream connections per pool (user, password, vhost); when all are full, a "
+        "client's Channel.Open gets 506 RESOURCE_ERROR", metavar="N", yaml_types=(int,),
+    ),
+    _opt(
+        "upstream_max_lifetime", _seconds(), "a number of seconds >= 0 (0: no limit)",
+        help="seconds after which an upstream connection takes no new channels and closes once "
+        "empty: rebalances after broker restarts and bounds how long a pooled login is "
+        "trusted without asking the broker again", metavar="SECONDS", yaml_types=_NUMBER,
+    ),
+    _opt(
+        "max_client_connections", _int_in(0, 10**7), "an integer >= 0 (0: no limit)",
+        help="client connections per worker; more are refused at Connection.Open with "
+        "530 NOT_ALLOWED", metavar="N", yaml_types=(int,),
+    ),
+    _opt(
         "term_client_close_timeout", _seconds(), _SECONDS_GE_0,
         help="on TERM, seconds to wait for clients to close by themselves before the proxy "
         "closes them", metavar="SECONDS", yaml_types=_NUMBER,
@@ -340,6 +360,12 @@ OPTIONS: tuple[Option, ...] = (
         help="bytes the proxy holds for a client that does not read fast enough; a client "
         "over it is disconnected, so it cannot stall or bloat the shared upstream connection",
         metavar="BYTES", yaml_types=(int,), default_text="33554432 (32 MiB)",
+    ),
+    _opt(
+        "max_message_size", _int_in(0, 2**63 - 1), "a number of bytes",
+        help="largest message body a client may publish; a larger one closes its channel with "
+        "406 PRECONDITION_FAILED, as RabbitMQ's max_message_size does",
+        metavar="BYTES", yaml_types=(int,), default_text="134217728 (128 MiB)",
     ),
     _opt(
         "upstream_connect_timeout", _seconds(positive=True), _SECONDS_GT_0,

@@ -28,6 +28,7 @@ from amqproxy_mp.config import Config
 from amqproxy_mp.logs import reopen_log_file
 from amqproxy_mp.metrics import Gauges, Stats, WorkerMetrics, write_pool_status
 from amqproxy_mp.proxy.client import ClientSession
+from amqproxy_mp.proxy.exchange_types import ExchangeTypes
 from amqproxy_mp.proxy.pool import Pools
 from amqproxy_mp.proxy.upstream import UpstreamSettings
 
@@ -99,8 +100,11 @@ class Worker:
                 heartbeat=config.upstream_heartbeat,
                 max_channels=config.max_upstream_channels,
             ),
+            max_connections=config.max_upstream_connections,
+            max_lifetime=config.upstream_max_lifetime,
         )
         self.sessions: set[ClientSession] = set()
+        self.exchange_types = ExchangeTypes(self.pools)
         self.connection_start = m.encode_method(
             0,
             commands.Connection.Start(

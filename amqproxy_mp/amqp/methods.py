@@ -66,6 +66,32 @@ CLIENT_CHANNEL_METHODS: Final = frozenset(
 )  # fmt: skip
 
 
+#: Methods that name a queue whose exclusivity the proxy enforces among its clients.
+QUEUE_ACCESS: Final = (
+    commands.Queue.Declare, commands.Queue.Bind, commands.Queue.Unbind, commands.Queue.Purge,
+    commands.Queue.Delete, commands.Basic.Consume, commands.Basic.Get,
+)  # fmt: skip
+
+#: Basic.Ack, Basic.Nack, Basic.Reject: the hottest client methods, checked by size only
+#: (method id, a 64-bit delivery tag, one octet of flags).
+DELIVERY_ACKS: Final = frozenset((0x003C0050, 0x003C0078, 0x003C005A))
+DELIVERY_ACK_SIZE: Final = 4 + 8 + 1
+
+
+def check_publish(payload: bytes | memoryview) -> None:
+    """Basic.Publish without decoding it: its two short strings must fit the frame exactly."""
+    size = len(payload)
+    # method id (4), reserved short (2), exchange shortstr, routing-key shortstr, flags (1)
+    pos = 6
+    if pos < size:
+        pos += 1 + payload[pos]
+        if pos < size:
+            pos += 1 + payload[pos]
+            if pos + 1 == size:
+                return
+    raise FrameError(SYNTAX_ERROR, "SYNTAX_ERROR - malformed Basic.Publish")
+
+
 def method_name(index: int) -> str:
     method = commands.INDEX_MAPPING.get(index)
     if method is None:
@@ -85,6 +111,9 @@ CHANNEL_ERROR: Final = 504
 UNEXPECTED_FRAME: Final = 505
 NOT_IMPLEMENTED: Final = 540
 INTERNAL_ERROR: Final = 541
+PRECONDITION_FAILED: Final = 406
+RESOURCE_LOCKED: Final = 405
+RESOURCE_ERROR: Final = 506
 
 
 def decode_method(payload: bytes | memoryview) -> Method:

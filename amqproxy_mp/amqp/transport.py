@@ -43,6 +43,8 @@ class FramedProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         #: While True, received bytes are kept but not parsed (an async step is under way).
         self._parsing_paused = False
+        #: Upstream connections whose broker is not reading: this peer is not read either.
+        self._read_holds: set[int] = set()
         self.closed = False
 
     # --- asyncio.Protocol -------------------------------------------------------------
@@ -110,17 +112,39 @@ class FramedProtocol(asyncio.Protocol):
     def pause_parsing(self) -> None:
         """Stop parsing (and reading) until `resume_parsing`, for a step that awaits."""
         self._parsing_paused = True
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
+        self._update_reading()
 
     def resume_parsing(self) -> None:
         self._parsing_paused = False
         if self.closed:
             return
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._update_reading()
         if self._buf:
             self._parse()
+
+    def hold_reading(self, holder: object) -> None:
+        """Stop reading from this peer while `holder` (a blocked upstream) says so."""
+        self._read_holds.add(id(holder))
+        self._update_reading()
+
+    def release_reading(self, holder: object) -> None:
+        if id(holder) in self._read_holds:
+            self._read_holds.discard(id(holder))
+            self.last_read = time.monotonic()  # silence while held is not a dead peer
+            self._update_reading()
+
+    @property
+    def reading_held(self) -> bool:
+        return bool(self._read_holds)
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._parsing_paused or self._read_holds:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     # --- sending ------------------------------------------------------------------------
 
@@ -148,7 +172,9 @@ class FramedProtocol(asyncio.Protocol):
         """Originate a heartbeat on this hop; returns False when the peer has gone silent."""
         if not self.heartbeat or self.closed:
             return True
-        if now - self.last_read > 2 * self.heartbeat:
+        if self._read_holds:
+            self.last_read = now  # not reading it on purpose
+        elif now - self.last_read > 2 * self.heartbeat:
             return False
         if now - self.last_write >= self.heartbeat / 2:
             self.send(HEARTBEAT_FRAME)

@@ -82,6 +82,7 @@ class ClientSession(FramedProtocol):
         self._close_kind = ""
         self.stats = worker.stats
         self.max_buffer = worker.config.client_max_buffer
+        self.max_message_size = worker.config.max_message_size
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- connection lifecycle -------------------------------------------------------------
@@ -253,19 +254,25 @@ class ClientSession(FramedProtocol):
                 )
             mid = method_id(payload)
             if mid == m.BASIC_PUBLISH:
+                m.check_publish(payload)
                 link.content_parts.append(frame(METHOD, number, payload))
                 link.content_expected = HEADER_EXPECTED
                 return
-            if mid >> 16 <= 20:  # connection and channel class: only a few are legal here
+            if mid in m.DELIVERY_ACKS:
+                if len(payload) != m.DELIVERY_ACK_SIZE:
+                    raise FrameError(
+                        m.SYNTAX_ERROR, f"SYNTAX_ERROR - malformed {m.method_name(mid)}"
+                    )
+            elif mid >> 16 <= 20:  # connection and channel class: only a few are legal here
                 self._channel_class_method(link, mid, payload)
                 return
-            if mid not in m.CLIENT_CHANNEL_METHODS:
+            elif mid not in m.CLIENT_CHANNEL_METHODS:
                 raise FrameError(
                     m.COMMAND_INVALID,
                     f"COMMAND_INVALID - {m.method_name(mid)} cannot be sent by a client",
                 )
-            if mid == m.QUEUE_DECLARE:
-                self._queue_declare(link, payload)
+            elif not self._inspect(link, m.decode_method(payload), payload):
+                return
             upstream.send(frame(METHOD, number, payload))
         elif frame_type == HEADER:
             if expected != HEADER_EXPECTED:
@@ -274,9 +281,21 @@ class ClientSession(FramedProtocol):
                     f"UNEXPECTED_FRAME - content header on channel "
                     f"{link.client_number} without a content method",
                 )
+            size = content_body_size(payload)
+            if size > self.max_message_size:
+                link.content_parts.clear()
+                link.content_expected = NO_CONTENT
+                self._close_channel(
+                    link,
+                    m.PRECONDITION_FAILED,
+                    f"PRECONDITION_FAILED - message size {size} is larger than configured max "
+                    f"size {self.max_message_size}",
+                    m.BASIC_PUBLISH,
+                )
+                return
             link.content_parts.append(frame(HEADER, number, payload))
-            link.content_expected = content_body_size(payload)
-            if link.content_expected == 0:
+            link.content_expected = size
+            if size == 0:
                 self._publish(link)
         elif frame_type == BODY:
             if expected < 0:
@@ -326,15 +345,40 @@ class ClientSession(FramedProtocol):
                 f"COMMAND_INVALID - {m.method_name(mid)} on channel {link.client_number}",
             )
 
-    def _queue_declare(self, link: ChannelLink, payload: memoryview) -> None:
+    def _inspect(self, link: ChannelLink, method: m.Method, payload: memoryview) -> bool:
+        """Look at a (decoded, hence well-formed) method before it goes upstream; False when
+        the proxy answered it itself."""
+        queue = getattr(method, "queue", None)
+        if queue and isinstance(method, m.QUEUE_ACCESS):
+            owner = link.upstream.exclusive_owners.get(queue)
+            if owner is not None and owner is not self:
+                # RabbitMQ's answer across connections; here both share one upstream connection
+                self._close_channel(
+                    link,
+                    m.RESOURCE_LOCKED,
+                    f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue "
+                    f"'{queue}' in vhost '{self.vhost}'. It could be originally declared on "
+                    f"another connection or the exclusive property value does not match that "
+                    f"of the original declaration.",
+                    method.index,
+                )
+                return False
+        if isinstance(method, commands.Queue.Declare):
+            self._queue_declare(link, method)
+        elif isinstance(method, commands.Queue.Delete) and queue:
+            self._forget_exclusive(link.upstream, queue)
+        elif isinstance(method, commands.Exchange.Declare) and not method.passive:
+            return self.worker.exchange_types.check(self, link, method, payload)
+        return True
+
+    def _queue_declare(self, link: ChannelLink, declare: commands.Queue.Declare) -> None:
         """Remember exclusive queues: they belong to the shared upstream connection, which
-        outlives this client, so the proxy deletes them when the client goes."""
-        declare = m.decode_method(payload)
-        assert isinstance(declare, commands.Queue.Declare)
+        outlives this client, so the proxy deletes them when the client goes and refuses
+        them to other clients of that connection."""
         exclusive = bool(declare.exclusive and not declare.passive)
         if declare.nowait:
             if exclusive and declare.queue:
-                self.exclusive_queues.setdefault(link.upstream, set()).add(declare.queue)
+                self._own_exclusive(link.upstream, declare.queue)
             return
         if link.declares is None:
             link.declares = []
@@ -346,7 +390,27 @@ class ClientSession(FramedProtocol):
         if link.declares.pop(0):
             ok = m.decode_method(payload)
             assert isinstance(ok, commands.Queue.DeclareOk)
-            self.exclusive_queues.setdefault(link.upstream, set()).add(ok.queue or "")
+            self._own_exclusive(link.upstream, ok.queue or "")
+
+    def _own_exclusive(self, upstream: UpstreamConnection, queue: str) -> None:
+        self.exclusive_queues.setdefault(upstream, set()).add(queue)
+        upstream.exclusive_owners[queue] = self
+
+    def _forget_exclusive(self, upstream: UpstreamConnection, queue: str) -> None:
+        if upstream.exclusive_owners.get(queue) is self:
+            del upstream.exclusive_owners[queue]
+            self.exclusive_queues.get(upstream, set()).discard(queue)
+
+    def _close_channel(self, link: ChannelLink, code: int, text: str, mid: int) -> None:
+        """Close one channel at the proxy: Channel.Close to the client (which must confirm),
+        and the upstream channel closed behind it."""
+        number = link.client_number
+        link.upstream.detach(link)
+        stub = ChannelLink(self, number, link.upstream, 0)
+        stub.state = BROKER_CLOSED
+        self.channels[number] = stub
+        close = commands.Channel.Close(code, text, mid >> 16, mid & 0xFFFF)
+        self.send(m.encode_method(number, close))
 
     def _channel_not_open(
         self, frame_type: int, channel: int, payload: memoryview, link: ChannelLink | None
@@ -384,7 +448,7 @@ class ClientSession(FramedProtocol):
         if slot is not None:
             self._attach(number, *slot)
         else:
-            self._run_paused(self._open_channel_later(number))
+            self.run_paused(self._open_channel_later(number))
 
     async def _open_channel_later(self, number: int) -> None:
         assert self.pool is not None
@@ -405,8 +469,10 @@ class ClientSession(FramedProtocol):
         self.send(frame(METHOD, number, CHANNEL_OPEN_OK_PAYLOAD))
         if upstream.blocked is not None:
             self.upstream_blocked(upstream)
+        if upstream.write_paused:
+            self.hold_reading(upstream)
 
-    def _run_paused(self, step: Any) -> None:
+    def run_paused(self, step: Any) -> None:
         """Run an async step with parsing paused, so later frames wait for it in order."""
         self.pause_parsing()
         task: asyncio.Task[None] = self.loop.create_task(step)
@@ -453,7 +519,7 @@ class ClientSession(FramedProtocol):
         elif self.state == AWAIT_OPEN and isinstance(method, commands.Connection.Open):
             self.vhost = method.virtual_host
             self.state = OPENING
-            self._run_paused(self._authenticate())
+            self.run_paused(self._authenticate())
         elif self.state == ACTIVE and index == m.CONNECTION_UPDATE_SECRET:
             raise FrameError(
                 m.NOT_IMPLEMENTED,
@@ -498,6 +564,15 @@ class ClientSession(FramedProtocol):
         self.state = AWAIT_OPEN
 
     async def _authenticate(self) -> None:
+        limit = self.worker.config.max_client_connections
+        if limit and len(self.worker.sessions) > limit:
+            log.warning("client %s refused: max_client_connections (%d) reached", self.peer, limit)
+            self.close_with(
+                m.NOT_ALLOWED,
+                f"NOT_ALLOWED - connection limit ({limit} per worker) of amqproxy-mp is reached",
+                10, 40, kind="connection_limit",
+            )  # fmt: skip
+            return
         pool = self.worker.pools.get((self.user, self._password, self.vhost))
         try:
             await pool.authenticate()
@@ -560,10 +635,14 @@ class ClientSession(FramedProtocol):
     def _release_channels(self) -> None:
         for upstream, queues in self.exclusive_queues.items():
             upstream.delete_queues(queues, self.channels.values())
+            for queue in queues:
+                if upstream.exclusive_owners.get(queue) is self:
+                    del upstream.exclusive_owners[queue]
         self.exclusive_queues.clear()
         for link in self.channels.values():
             link.content_parts.clear()
             link.upstream.detach(link)
+            self.release_reading(link.upstream)
         self.channels.clear()
 
     def __repr__(self) -> str:

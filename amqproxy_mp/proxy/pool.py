@@ -12,8 +12,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from amqproxy_mp.amqp.methods import RESOURCE_ERROR
 from amqproxy_mp.metrics import Stats
-from amqproxy_mp.proxy.upstream import UpstreamConnection, UpstreamSettings, open_upstream
+from amqproxy_mp.proxy.upstream import (
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamSettings,
+    open_upstream,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -50,6 +56,13 @@ class Pool:
     async def acquire_channel(self) -> tuple[UpstreamConnection, int]:
         """Like take_channel, opening another upstream connection when all are full."""
         while (slot := self.take_channel()) is None:
+            limit = self.pools.max_connections
+            if limit and len(self.connections) >= limit and self._opening is None:
+                raise UpstreamError(
+                    RESOURCE_ERROR,
+                    f"RESOURCE_ERROR - all {limit} upstream connections of this pool are full "
+                    f"(max_upstream_connections)",
+                )
             await self.open_connection()
         return slot
 
@@ -72,8 +85,19 @@ class Pool:
         if conn in self.connections:
             self.connections.remove(conn)
 
-    def close_idle(self, now: float, idle_timeout: float) -> None:
-        """Close connections without channels for idle_timeout, keeping one per pool."""
+    def close_idle(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
+        """Retire connections older than max_lifetime (no new channels; closed once empty),
+        and close connections without channels for idle_timeout, keeping one per pool."""
+        for conn in self.connections:
+            if max_lifetime and not conn.retired and now - conn.opened_at >= max_lifetime:
+                conn.retired = True
+                log.info(
+                    "upstream connection %s reached its max lifetime (%g s): retiring it",
+                    conn,
+                    max_lifetime,
+                )
+        for conn in [c for c in self.connections if c.retired and not c.channels]:
+            conn.close(f"max lifetime of {max_lifetime:g} s reached")
         idle = [c for c in self.connections if c.is_usable and not c.channels]
         keep = 1 if len(idle) == len(self.connections) else 0
         for conn in idle[keep:]:
@@ -88,11 +112,20 @@ class Pools:
     """All pools of one worker."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, stats: Stats, settings: UpstreamSettings
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stats: Stats,
+        settings: UpstreamSettings,
+        max_connections: int = 0,
+        max_lifetime: float = 0.0,
     ) -> None:
         self.loop = loop
         self.stats = stats
         self.settings = settings
+        #: Upstream connections per pool (0: no limit).
+        self.max_connections = max_connections
+        #: Seconds after which an upstream connection takes no new channels (0: never).
+        self.max_lifetime = max_lifetime
         self._pools: dict[Credentials, Pool] = {}
 
     def get(self, credentials: Credentials) -> Pool:
@@ -116,4 +149,4 @@ class Pools:
     def close_idle(self, idle_timeout: float) -> None:
         now = time.monotonic()
         for pool in self:
-            pool.close_idle(now, idle_timeout)
+            pool.close_idle(now, idle_timeout, self.max_lifetime)

@@ -155,9 +155,17 @@ class UpstreamConnection(FramedProtocol):
         self.numbers = ChannelNumbers(0)
         #: Reason given by Connection.Blocked while the broker blocks publishers, else None.
         self.blocked: str | None = None
-        self.idle_since = time.monotonic()
+        #: The transport's buffer towards the broker is over its high-water mark.
+        self.write_paused = False
+        self.idle_since = self.opened_at = time.monotonic()
+        #: Past max_upstream_lifetime: takes no new channels, closes when empty.
+        self.retired = False
         self.local_port: int | None = None
         self.stats = pool.pools.stats
+        #: Exclusive queues declared through this connection, and the client that owns each.
+        self.exclusive_owners: dict[str, ClientSession] = {}
+        #: A disposable connection's one trial method (see `probe`).
+        self._probe: asyncio.Future[tuple[int, str, bool] | None] | None = None
         self._handshake_step = m.CONNECTION_START
         self._close_reason = ""
 
@@ -235,11 +243,41 @@ class UpstreamConnection(FramedProtocol):
 
     @property
     def is_usable(self) -> bool:
-        return self.state == READY
+        """Open, and young enough to take new channels (and to vouch for credentials)."""
+        return self.state == READY and not self.retired
+
+    # --- flow control -------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The broker stopped reading (alarm, Connection.Blocked): stop reading from the
+        clients that publish here, so their data waits in their sockets, not in memory."""
+        self.write_paused = True
+        log.info(
+            "upstream %s (user=%r vhost=%r) is not reading; pausing its clients",
+            self.settings.address,
+            self.pool.user,
+            self.pool.vhost,
+        )
+        for client in self.clients():
+            client.hold_reading(self)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        log.info(
+            "upstream %s (user=%r vhost=%r) reads again; resuming its clients",
+            self.settings.address,
+            self.pool.user,
+            self.pool.vhost,
+        )
+        for client in self.clients():
+            client.release_reading(self)
 
     # --- frames from the broker -----------------------------------------------------------
 
     def frame_received(self, frame_type: int, channel: int, payload: memoryview) -> None:
+        if self._probe is not None and channel == 1 and frame_type == METHOD:
+            self._probe_answer(payload)
+            return
         if channel:
             link = self.channels.get(channel)
             if link is None:
@@ -367,6 +405,31 @@ class UpstreamConnection(FramedProtocol):
             for client in self.clients():
                 client.upstream_unblocked(self)
 
+    async def probe(self, method_frame: bytes) -> tuple[int, str, bool] | None:
+        """On a disposable connection: open channel 1, send one method, and return None when
+        the broker answers it, or (code, text, connection_level) when it refuses."""
+        self._probe = self.loop.create_future()
+        self.send(frame(METHOD, 1, CHANNEL_OPEN_PAYLOAD))
+        self.send(method_frame)
+        return await self._probe
+
+    def _probe_answer(self, payload: memoryview) -> None:
+        assert self._probe is not None
+        mid = method_id(payload)
+        if mid == m.CHANNEL_OPEN_OK or self._probe.done():
+            return
+        if mid == m.CHANNEL_CLOSE:
+            close = m.decode_method(payload)
+            assert isinstance(close, commands.Channel.Close)
+            self.send(frame(METHOD, 1, CHANNEL_CLOSE_OK_PAYLOAD))
+            self._probe.set_result((close.reply_code or 0, close.reply_text, False))
+        else:
+            self._probe.set_result(None)
+
+    def _end_probe(self, code: int, text: str) -> None:
+        if self._probe is not None and not self._probe.done():
+            self._probe.set_result((code, text, True))
+
     def missed_heartbeats(self) -> None:
         self.stats.upstream_errors["heartbeat"] += 1
         log.warning(
@@ -388,6 +451,7 @@ class UpstreamConnection(FramedProtocol):
         self.abort()
 
     def _close_clients(self, code: int, text: str, class_id: int, method_id: int) -> None:
+        self._end_probe(code, text)
         for client in self.clients():
             client.close_with(code, text, class_id, method_id)
         self.channels.clear()

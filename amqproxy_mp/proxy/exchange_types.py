@@ -1,0 +1,108 @@
+"""Exchange types the broker is known to accept.
+
+RabbitMQ answers Exchange.Declare of an unknown type (plugins add types, so no
+fixed list is right) with 503 COMMAND_INVALID on the whole connection. On a
+shared upstream connection that would close every client on it. So a type not
+yet seen to succeed is first declared, under a throwaway name, on a disposable
+upstream connection with the client's credentials; only if that works does the
+client's own declare go to the shared connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+from amqproxy_mp.amqp import methods as m
+from amqproxy_mp.amqp.frames import METHOD, frame
+from amqproxy_mp.amqp.methods import commands
+from amqproxy_mp.proxy.channels import OPEN
+from amqproxy_mp.proxy.pool import Pool, Pools
+from amqproxy_mp.proxy.upstream import UpstreamError, open_upstream
+
+if TYPE_CHECKING:
+    from amqproxy_mp.proxy.channels import ChannelLink
+    from amqproxy_mp.proxy.client import ClientSession
+
+log = logging.getLogger(__name__)
+
+BUILTIN = frozenset(("direct", "fanout", "topic", "headers"))
+
+
+class ExchangeTypes:
+    def __init__(self, pools: Pools) -> None:
+        self.pools = pools
+        self.known: set[str] = set(BUILTIN)
+
+    def check(
+        self,
+        client: ClientSession,
+        link: ChannelLink,
+        declare: commands.Exchange.Declare,
+        payload: memoryview,
+    ) -> bool:
+        """True when the declare may go upstream now; else the proxy tries the type first and
+        forwards or refuses the declare itself."""
+        if declare.exchange_type in self.known:
+            return True
+        client.run_paused(self._try(client, link, declare, bytes(payload)))
+        return False
+
+    async def _try(
+        self,
+        client: ClientSession,
+        link: ChannelLink,
+        declare: commands.Exchange.Declare,
+        payload: bytes,
+    ) -> None:
+        exchange_type = str(declare.exchange_type)
+        assert client.pool is not None
+        try:
+            refusal = await self._probe(client.pool, declare)
+        except UpstreamError as exc:
+            client.close_with(exc.code, exc.text, 40, 10)
+            return
+        if refusal is not None:
+            code, text = refusal
+            log.warning(
+                "client %s (user=%r vhost=%r) declared an exchange of type %r, which the broker "
+                "refuses: %s %s",
+                client.peer,
+                client.user,
+                client.vhost,
+                exchange_type,
+                code,
+                text,
+            )
+            client.close_with(code, text, 40, 10, kind="protocol_error")
+            return
+        self.known.add(exchange_type)
+        if link.state == OPEN and link.client is client:
+            link.upstream.send(frame(METHOD, link.upstream_number, payload))
+
+    async def _probe(
+        self, pool: Pool, declare: commands.Exchange.Declare
+    ) -> tuple[int, str] | None:
+        """Declare a throwaway exchange of that type on a disposable connection; returns the
+        connection-level refusal, or None when the type is accepted (a channel-level error,
+        e.g. about arguments, is left for the client's own declare to meet)."""
+        conn = await open_upstream(
+            self.pools.loop, self.pools.settings, Pool(self.pools, pool.credentials)
+        )
+        name = f"amqproxy-mp-probe-{uuid.uuid4().hex}"
+        try:
+            trial = commands.Exchange.Declare(
+                exchange=name,
+                exchange_type=declare.exchange_type,
+                auto_delete=True,
+                arguments=declare.arguments,
+            )
+            result = await conn.probe(m.encode_method(1, trial))
+            if result is None:
+                conn.send(m.encode_method(1, commands.Exchange.Delete(exchange=name, nowait=True)))
+                return None
+            code, text, connection_level = result
+            return (code, text) if connection_level else None
+        finally:
+            conn.close("exchange type probe done")
