@@ -49,6 +49,10 @@ class Config:
     upstream: Upstream
     listen_address: str = "localhost"
     listen_port: int = 5673
+    tls_port: int = 0
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
     http_port: int = 15673
     log_level: str = "info"
     idle_connection_timeout: float = 5.0
@@ -283,9 +287,32 @@ OPTIONS: tuple[Option, ...] = (
         file_keys=(("listen", "address"), ("listen", "bind")),
     ),
     _opt(
-        "listen_port", _int_in(1, 65535), _PORT, help="port that AMQP clients connect to",
+        "listen_port", _int_in(0, 65535), "a port number 0..65535 (0: no plain listener)",
+        help="port that AMQP clients connect to (0: only the TLS listener)",
         metavar="PORT", flags=("-p", "--port", "--listen-port"), env="LISTEN_PORT",
         file_keys=(("listen", "port"),), yaml_types=(int,),
+    ),
+    _opt(
+        "tls_port", _int_in(0, 65535), "a port number 0..65535 (0: none)",
+        help="port of an AMQPS (TLS) listener, beside or instead of the plain one; needs "
+        "tls_cert_file and tls_key_file", metavar="PORT", flags=("--tls-port",), env="TLS_PORT",
+        file_keys=(("listen", "tls_port"),), yaml_types=(int,), default_text="0 (none)",
+    ),
+    _opt(
+        "tls_cert_file", _existing_file, _FILE,
+        help="certificate chain (PEM) of the AMQPS listener", metavar="FILE",
+        file_keys=(("listen", "tls_cert_file"),),
+    ),
+    _opt(
+        "tls_key_file", _existing_file, _FILE,
+        help="private key (PEM) of the AMQPS listener", metavar="FILE",
+        file_keys=(("listen", "tls_key_file"),),
+    ),
+    _opt(
+        "tls_client_ca_file", _existing_file, _FILE,
+        help="CA bundle for mutual TLS: AMQPS clients must present a certificate it signed",
+        metavar="FILE", file_keys=(("listen", "tls_client_ca_file"),),
+        default_text="none (no client certificates)",
     ),
     _opt(
         "http_port", _int_in(1, 65535), _PORT, help="port of the HTTP /healthz and /metrics",
@@ -744,6 +771,20 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> LoadedConfig
 
 
 def _check_tls(values: dict[str, Any], sources: dict[str, str], warnings: list[str]) -> None:
+    if not values["listen_port"] and not values["tls_port"]:
+        raise ConfigError(
+            f"listen_port is 0 (from {sources['listen_port']}) and no tls_port is set: "
+            "the proxy would not listen at all"
+        )
+    if values["tls_port"]:
+        for needed in ("tls_cert_file", "tls_key_file"):
+            if values[needed] is None:
+                raise ConfigError(
+                    f"tls_port is set (from {sources['tls_port']}) but {needed} is not: "
+                    "the AMQPS listener needs a certificate and its key"
+                )
+    if values["tls_port"] and values["tls_port"] == values["listen_port"]:
+        raise ConfigError("tls_port and listen_port must differ")
     cert, key = "upstream_tls_cert_file", "upstream_tls_key_file"
     for present, missing in ((cert, key), (key, cert)):
         if values[present] is not None and values[missing] is None:

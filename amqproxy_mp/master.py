@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import tempfile
 import time
 from collections import Counter
@@ -45,6 +46,8 @@ MAX_BACKOFF: Final = 30.0
 READY_TIMEOUT: Final = 15.0
 #: After a quick stop, workers that are still there after this are killed.
 QUICK_STOP_TIMEOUT: Final = 10.0
+#: How often the master checks that the broker accepts TCP connections (for /healthz).
+UPSTREAM_CHECK_INTERVAL: Final = 2.0
 #: A worker whose last heartbeat is older than this does not count as up in /healthz.
 BEAT_AGE: Final = 2.0
 #: Failed starts in a row from which /healthz reports a slot as crash-looping.
@@ -76,6 +79,7 @@ class WorkerProcess:
 class Slot:
     number: int
     sockets: list[socket.socket]
+    tls_sockets: list[socket.socket]
     worker: WorkerProcess | None = None
     #: Quick deaths in a row: drives the back-off and the crash-loop health state.
     failures: int = 0
@@ -86,6 +90,24 @@ class Slot:
 
 class MasterError(Exception):
     """A start-up failure the operator must fix (port in use, ...); exit code 1."""
+
+
+def check_tls_files(config: Config) -> None:
+    """Load the certificates once here, so a bad file stops the start instead of making every
+    worker crash in a loop."""
+    from amqproxy_mp.worker import listener_tls_context, upstream_tls_context
+
+    try:
+        upstream_tls_context(config)
+    except (OSError, ssl.SSLError) as exc:
+        raise MasterError(f"upstream TLS files unusable: {exc}") from None
+    if config.tls_port:
+        try:
+            listener_tls_context(config)
+        except (OSError, ssl.SSLError) as exc:
+            raise MasterError(
+                f"tls_cert_file/tls_key_file/tls_client_ca_file unusable: {exc}"
+            ) from None
 
 
 def describe_exit(status: int) -> tuple[str, str]:
@@ -113,10 +135,17 @@ class Master:
         self._reload_again = False
         self._quick_stop_deadline = 0.0
         self._metrics: MasterMetrics | None = None
+        #: Why the last TCP check of the broker failed; "" when it answered.
+        self.upstream_error = ""
 
     # --- start ------------------------------------------------------------------------------
 
     def run(self) -> int:
+        try:
+            check_tls_files(self.config)
+        except MasterError as exc:
+            log.error("%s", exc)
+            return 2
         try:
             self._check_port_free()
         except MasterError as exc:
@@ -138,14 +167,23 @@ class Master:
 
     def _listen_text(self) -> str:
         host = self.config.listen_address
-        return f"{f'[{host}]' if ':' in host else host}:{self.config.listen_port}"
+        host = f"[{host}]" if ":" in host else host
+        return ",".join(f"{'tls:' if tls else ''}{host}:{port}" for port, tls in self._ports())
 
-    def _addresses(self) -> list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]]:
+    def _ports(self) -> list[tuple[int, bool]]:
+        """(port, is TLS) of each configured AMQP listener."""
+        config = self.config
+        ports = [(config.listen_port, False), (config.tls_port, True)]
+        return [(port, tls) for port, tls in ports if port]
+
+    def _addresses(
+        self, port: int
+    ) -> list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]]:
         config = self.config
         try:
             infos = socket.getaddrinfo(
                 config.listen_address,
-                config.listen_port,
+                port,
                 type=socket.SOCK_STREAM,
                 flags=socket.AI_PASSIVE,
             )
@@ -161,7 +199,8 @@ class Master:
 
     def _check_port_free(self) -> None:
         """Bind without SO_REUSEPORT first, so a second instance fails instead of sharing."""
-        for family, sockaddr in self._addresses():
+        addresses = [a for port, _ in self._ports() for a in self._addresses(port)]
+        for family, sockaddr in addresses:
             probe = socket.socket(family, socket.SOCK_STREAM)
             try:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -176,10 +215,10 @@ class Master:
             finally:
                 probe.close()
 
-    def _open_listeners(self) -> list[socket.socket]:
+    def _open_listeners(self, port: int) -> list[socket.socket]:
         """One SO_REUSEPORT socket per address for one worker slot."""
         sockets: list[socket.socket] = []
-        for family, sockaddr in self._addresses():
+        for family, sockaddr in self._addresses(port):
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -240,6 +279,7 @@ class Master:
             return 1
         for signum in SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
+        probe = loop.create_task(self._watch_upstream())
         try:
             for number in range(1, self.config.worker_count + 1):
                 self._add_slot(number)
@@ -260,6 +300,7 @@ class Master:
             self._wakeup.clear()
             self._reap()
             self._supervise()
+        probe.cancel()
         self._http.close()
         for slot in self.slots.values():
             self._close_slot_sockets(slot)
@@ -314,7 +355,12 @@ class Master:
         return [slot for _, slot in sorted(self.slots.items()) if not slot.removed]
 
     def _add_slot(self, number: int) -> None:
-        slot = Slot(number, self._open_listeners())
+        config = self.config
+        slot = Slot(
+            number,
+            self._open_listeners(config.listen_port) if config.listen_port else [],
+            self._open_listeners(config.tls_port) if config.tls_port else [],
+        )
         self.slots[number] = slot
         self._spawn(slot)
 
@@ -328,9 +374,10 @@ class Master:
             del self.slots[slot.number]
 
     def _close_slot_sockets(self, slot: Slot) -> None:
-        for sock in slot.sockets:
+        for sock in slot.sockets + slot.tls_sockets:
             sock.close()
         slot.sockets = []
+        slot.tls_sockets = []
 
     def _spawn(self, slot: Slot) -> WorkerProcess:
         beat_read, beat_write = os.pipe()
@@ -364,7 +411,7 @@ class Master:
                     os.close(sock.fileno())
             for other in self.slots.values():
                 if other is not slot:
-                    for sock in other.sockets:
+                    for sock in other.sockets + other.tls_sockets:
                         sock.close()
             for worker in self.workers.values():
                 os.close(worker.beat_fd)
@@ -374,6 +421,7 @@ class Master:
             return Worker(
                 self.config,
                 sockets=slot.sockets,
+                tls_sockets=slot.tls_sockets,
                 slot=slot.number,
                 beat_fd=beat_fd,
                 metrics_dir=self.metrics_dir,
@@ -482,6 +530,28 @@ class Master:
             ):
                 slot.failures = 0
 
+    async def _watch_upstream(self) -> None:
+        """Try a TCP connection to the broker every few seconds, for /healthz: workers only
+        connect when clients come, and an operator wants to know before they do."""
+        upstream = self.config.upstream
+        while True:
+            try:
+                async with asyncio.timeout(self.config.upstream_connect_timeout):
+                    _, writer = await asyncio.open_connection(upstream.host, upstream.port)
+                writer.close()
+                error = ""
+            except TimeoutError:
+                error = f"no answer within {self.config.upstream_connect_timeout:g} s"
+            except OSError as exc:
+                error = exc.strerror or str(exc)
+            if error != self.upstream_error:
+                if error:
+                    log.error("upstream %s unreachable: %s", upstream, error)
+                elif self.upstream_error:
+                    log.info("upstream %s reachable again", upstream)
+            self.upstream_error = error
+            await asyncio.sleep(UPSTREAM_CHECK_INTERVAL)
+
     # --- reload ---------------------------------------------------------------------------------
 
     async def _reload(self) -> None:
@@ -563,6 +633,8 @@ class Master:
             return False, f"crash-looping: {looping[0].last_exit}"
         if len(up) < len(slots):
             return False, f"{len(up)} of {len(slots)} workers up"
+        if self.upstream_error:
+            return False, f"upstream {self.config.upstream} unreachable: {self.upstream_error}"
         return True, "OK"
 
     def _healthz(self) -> Response:

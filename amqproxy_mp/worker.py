@@ -72,17 +72,30 @@ def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+def listener_tls_context(config: Config) -> ssl.SSLContext:
+    """The AMQPS listener's context; with a client CA, clients must present a certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    assert config.tls_cert_file and config.tls_key_file  # enforced by the config
+    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    if config.tls_client_ca_file:
+        context.load_verify_locations(config.tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class Worker:
     def __init__(
         self,
         config: Config,
-        sockets: list[socket.socket] | None = None,
+        sockets: list[socket.socket],
+        tls_sockets: list[socket.socket] = (),  # type: ignore[assignment]
         slot: int = 0,
         beat_fd: int | None = None,
         metrics_dir: str | None = None,
     ) -> None:
         self.config = config
         self.sockets = sockets
+        self.tls_sockets = tls_sockets
         self.slot = slot
         self._beat_fd = beat_fd
         self.stats = Stats()
@@ -159,19 +172,19 @@ class Worker:
         def factory() -> ClientSession:
             return ClientSession(self)
 
-        if self.sockets:
-            for sock in self.sockets:
-                self._servers.append(await self.loop.create_server(factory, sock=sock))
-        else:
-            self._servers.append(
-                await self.loop.create_server(
-                    factory,
-                    self.config.listen_address,
-                    self.config.listen_port,
-                    reuse_address=True,
-                    backlog=1024,
+        for sock in self.sockets:
+            self._servers.append(await self.loop.create_server(factory, sock=sock))
+        if self.tls_sockets:
+            context = listener_tls_context(self.config)
+            for sock in self.tls_sockets:
+                self._servers.append(
+                    await self.loop.create_server(
+                        factory,
+                        sock=sock,
+                        ssl=context,
+                        ssl_handshake_timeout=self.config.client_handshake_timeout,
+                    )
                 )
-            )
         addresses = ", ".join(
             str(sock.getsockname()[:2]) for server in self._servers for sock in server.sockets
         )

@@ -357,16 +357,17 @@ def test_second_instance_on_the_same_port_fails_at_once(proxy_factory: ProxyFact
 def test_crash_looping_worker_backs_off_and_recovers(
     proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
-    """A worker that cannot start (here: its upstream CA file vanished) is restarted with
+    """A worker that cannot start (here: its upstream CA file vanished; the broker only needs
+    to accept TCP for /healthz) is restarted with
     growing delays, /healthz says why, and it comes back once the cause is fixed."""
     ca = tmp_path / "ca.pem"
     ca.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes())
     p = proxy_factory(
-        "--workers", "1", "--upstream-tls-ca-file", str(ca), upstream="amqps://127.0.0.1:1"
+        "--workers", "1", "--upstream-tls-ca-file", str(ca), upstream="amqps://127.0.0.1:5672"
     )
     assert p.proc is not None
     title = " ".join(psutil.Process(p.proc.pid).cmdline()).strip()
-    assert title == f"amqproxy: master [127.0.0.1:{p.port} -> amqps://127.0.0.1:1]"
+    assert title == f"amqproxy: master [127.0.0.1:{p.port} -> amqps://127.0.0.1:5672]"
     (pid,) = workers_of(p).values()
     ca.unlink()
     os.kill(pid, signal.SIGKILL)

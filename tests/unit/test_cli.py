@@ -113,7 +113,11 @@ def test_print_config_with_file_cli_and_env(tmp_path: Path) -> None:
         (["--no-such-option", "amqp://h"], {}, "unrecognized arguments: --no-such-option"),
         (["amqp://h", "--port"], {}, "argument -p/--port/--listen-port: expected one argument"),
         (["-t", "abc", "amqp://h"], {}, "idle_connection_timeout = 'abc' from command line (-t)"),
-        (["amqp://h"], {"LISTEN_PORT": "0"}, "listen_port = '0' from environment (LISTEN_PORT)"),
+        (
+            ["amqp://h"],
+            {"LISTEN_PORT": "0"},
+            "listen_port is 0 (from environment (LISTEN_PORT)) and no tls_port is set",
+        ),
         (["ftp://h"], {}, "upstream = 'ftp://h' from command line (argument)"),
         ([], {}, "no upstream broker configured"),
         (["-c", "/nonexistent/amqproxy.ini", "amqp://h"], {}, "cannot read config file"),

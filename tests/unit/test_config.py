@@ -297,9 +297,9 @@ def test_empty_files_are_fine(tmp_path: Path) -> None:
         ({"IDLE_CONNECTION_TIMEOUT": "-1"}, "number of seconds >= 0"),
         ({"IDLE_CONNECTION_TIMEOUT": "nan"}, "number of seconds >= 0"),
         ({"IDLE_CONNECTION_TIMEOUT": "inf"}, "number of seconds >= 0"),
-        ({"LISTEN_PORT": "0"}, "1..65535"),
-        ({"LISTEN_PORT": "65536"}, "1..65535"),
-        ({"LISTEN_PORT": "5673.0"}, "1..65535"),
+        ({"LISTEN_PORT": "-1"}, "0..65535"),
+        ({"LISTEN_PORT": "65536"}, "0..65535"),
+        ({"LISTEN_PORT": "5673.0"}, "0..65535"),
         ({"HTTP_PORT": "http"}, "1..65535"),
         ({"LOG_LEVEL": "verbose"}, "debug, info, warning"),
         ({"MAX_UPSTREAM_CHANNELS": "65536"}, "0..65535"),
@@ -327,8 +327,8 @@ def test_bad_environment_values(env: dict[str, str], expected: str) -> None:
     ("argv", "start", "expected"),
     [
         (["-t", "abc"], "idle_connection_timeout = 'abc' from command line (-t)", ">= 0"),
-        (["--port", "x"], "listen_port = 'x' from command line (--port)", "1..65535"),
-        (["-p", "99999"], "listen_port = '99999' from command line (-p)", "1..65535"),
+        (["--port", "x"], "listen_port = 'x' from command line (--port)", "0..65535"),
+        (["-p", "99999"], "listen_port = '99999' from command line (-p)", "0..65535"),
         (["--log-level", "loud"], "log_level = 'loud' from command line (--log-level)", "debug"),
         (["--client-handshake-timeout", "0"], "client_handshake_timeout = '0'", "> 0"),
     ],
@@ -365,7 +365,7 @@ def test_bad_ini_alias_value_names_the_key_as_written(tmp_path: Path) -> None:
         ("main:\n  upstream_tls_insecure_skip_verify: 1\n", "upstream_tls", "an integer"),
         ("main:\n  log_level: 3\n", "log_level = 3", "an integer"),
         ("main:\n  log_level:\n", "log_level = None", "null"),
-        ("listen:\n  port: 0\n", "port = 0 from config file {} [listen]", "1..65535"),
+        ("listen:\n  port: -1\n", "port = -1 from config file {} [listen]", "0..65535"),
     ],
 )
 def test_bad_yaml_values(tmp_path: Path, text: str, start: str, expected: str) -> None:
