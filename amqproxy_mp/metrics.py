@@ -84,6 +84,7 @@ class Stats:
 
     __slots__ = (
         "auth_failures",
+        "channels_reused",
         "client_bytes_in",
         "client_bytes_out",
         "client_disconnects",
@@ -91,6 +92,7 @@ class Stats:
         "published",
         "upstream_bytes_in",
         "upstream_bytes_out",
+        "upstream_channel_opens",
         "upstream_connect_seconds",
         "upstream_errors",
     )
@@ -100,6 +102,10 @@ class Stats:
         self.published = 0
         #: Basic.Deliver / Basic.GetOk forwarded broker -> client
         self.delivered = 0
+        #: Channel.Open sent to the broker
+        self.upstream_channel_opens = 0
+        #: client channels served by a parked upstream channel (no Channel.Open upstream)
+        self.channels_reused = 0
         self.client_bytes_in = 0
         self.client_bytes_out = 0
         self.upstream_bytes_in = 0
@@ -201,6 +207,13 @@ class WorkerMetrics:
             "amqproxy_messages_delivered",
             "Messages (Basic.Deliver, Basic.GetOk) forwarded from the broker to clients",
         )
+        self.upstream_channel_opens = counter(
+            "amqproxy_upstream_channel_opens", "Channel.Open sent to the broker"
+        )
+        self.channels_reused = counter(
+            "amqproxy_channels_reused",
+            "Client channels served by a parked upstream channel, without a Channel.Open",
+        )
         self.client_bytes_in = counter(
             "amqproxy_client_bytes_received", "Bytes received from clients"
         )
@@ -233,6 +246,8 @@ class WorkerMetrics:
         self._plain = (
             (self.published, _Delta()),
             (self.delivered, _Delta()),
+            (self.upstream_channel_opens, _Delta()),
+            (self.channels_reused, _Delta()),
             (self.client_bytes_in, _Delta()),
             (self.client_bytes_out, _Delta()),
             (self.upstream_bytes_in, _Delta()),
@@ -247,6 +262,8 @@ class WorkerMetrics:
         counts = (
             stats.published,
             stats.delivered,
+            stats.upstream_channel_opens,
+            stats.channels_reused,
             stats.client_bytes_in,
             stats.client_bytes_out,
             stats.upstream_bytes_in,

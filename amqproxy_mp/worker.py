@@ -216,21 +216,28 @@ class Worker:
         self._stopping.set()
 
     async def _tick(self) -> None:
-        config = self.config
         ticks = 0
         while True:
             await asyncio.sleep(TICK)
             ticks += 1
-            self._beat()
-            now = time.monotonic()
-            for session in list(self.sessions):
-                session.check_heartbeat(now, config.client_handshake_timeout)
-            for conn in self.pools.connections():
-                if not conn.send_heartbeat_if_due(now):
-                    conn.missed_heartbeats()
-            self.pools.close_idle(config.idle_connection_timeout)
-            if ticks % METRICS_EVERY == 0:
-                self._export_metrics()
+            try:
+                self._tick_once(ticks)
+            except Exception:
+                # a bug here must not silently stop heartbeats, timeouts and metrics
+                log.exception("internal error in the worker's periodic checks")
+
+    def _tick_once(self, ticks: int) -> None:
+        config = self.config
+        self._beat()
+        now = time.monotonic()
+        for session in list(self.sessions):
+            session.check_heartbeat(now, config.client_handshake_timeout)
+        for conn in self.pools.connections():
+            if not conn.send_heartbeat_if_due(now):
+                conn.missed_heartbeats()
+        self.pools.close_idle(config.idle_connection_timeout)
+        if ticks % METRICS_EVERY == 0:
+            self._export_metrics()
 
     def _beat(self) -> None:
         """Tell the master this event loop still turns (gunicorn's worker heartbeat)."""

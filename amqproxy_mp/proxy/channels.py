@@ -21,6 +21,10 @@ CLIENT_CLOSING = 1
 BROKER_CLOSED = 2
 #: The client is gone; the upstream channel waits for the broker's CloseOk.
 DETACHED = 3
+#: A safe channel whose client left, waiting for the next client of the pool. Until the
+#: broker answers the marker (a passive declare) sent when it was parked, what arrives on
+#: it was caused by earlier clients and is dropped (`markers` > 0).
+PARKED = 4
 
 NO_CONTENT = -1
 HEADER_EXPECTED = -2
@@ -64,6 +68,12 @@ class ChannelLink:
         "content_expected",
         "content_parts",
         "declares",
+        "markers",
+        "parked_since",
+        "qos_pending",
+        "qos_set",
+        "replay",
+        "safe",
         "state",
         "upstream",
         "upstream_number",
@@ -87,3 +97,31 @@ class ChannelLink:
         self.content_expected = NO_CONTENT
         #: For each Queue.Declare awaiting its DeclareOk: was it exclusive? (None: none pending)
         self.declares: list[bool] | None = None
+        #: Only complete publishes, Basic.Get with no_ack and Basic.Qos happened on it: it may
+        #: be handed to the next client (see DESIGN "Channel reuse").
+        self.safe = True
+        #: Basic.QosOk replies still to come from the broker for Qos the proxy answered itself.
+        self.qos_pending = 0
+        #: A prefetch other than the default is set on the upstream channel.
+        self.qos_set = False
+        self.parked_since = 0.0
+        #: Parking markers the broker has not answered yet: while > 0, frames from upstream
+        #: belong to earlier clients.
+        self.markers = 0
+        #: While markers > 0 on a reused channel: what its new client sent since, to be sent
+        #: again on a fresh channel if the broker closes this one for an earlier client's error.
+        self.replay: list[bytes] | None = None
+
+    def reuse(self, client: ClientSession, client_number: int) -> None:
+        """Hand a parked upstream channel to a new client channel."""
+        self.client = client
+        self.client_number = client_number
+        self.state = OPEN
+        self.safe = True
+        self.replay = [] if self.markers else None
+
+    def send(self, data: bytes) -> None:
+        """Send the client's frames for this channel upstream (kept for replay if needed)."""
+        if self.replay is not None:
+            self.replay.append(data)
+        self.upstream.send(data)

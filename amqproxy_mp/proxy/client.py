@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 CHANNEL_MAX: Final = 2047
 CHANNEL_OPEN_OK_PAYLOAD: Final = b"\x00\x14\x00\x0b\x00\x00\x00\x00"
 CHANNEL_CLOSE_OK_PAYLOAD: Final = b"\x00\x14\x00\x29"
+BASIC_QOS_OK_PAYLOAD: Final = b"\x00\x3c\x00\x0b"
 #: How long a client gets to answer our Connection.Close before its socket is closed.
 CLOSE_OK_TIMEOUT: Final = 5.0
 
@@ -259,6 +260,7 @@ class ClientSession(FramedProtocol):
                 link.content_expected = HEADER_EXPECTED
                 return
             if mid in m.DELIVERY_ACKS:
+                link.safe = False
                 if len(payload) != m.DELIVERY_ACK_SIZE:
                     raise FrameError(
                         m.SYNTAX_ERROR, f"SYNTAX_ERROR - malformed {m.method_name(mid)}"
@@ -273,7 +275,7 @@ class ClientSession(FramedProtocol):
                 )
             elif not self._inspect(link, m.decode_method(payload), payload):
                 return
-            upstream.send(frame(METHOD, number, payload))
+            link.send(frame(METHOD, number, payload))
         elif frame_type == HEADER:
             if expected != HEADER_EXPECTED:
                 raise FrameError(
@@ -322,14 +324,21 @@ class ClientSession(FramedProtocol):
 
     def _publish(self, link: ChannelLink) -> None:
         self.stats.published += 1
-        link.upstream.send(b"".join(link.content_parts))
+        link.send(b"".join(link.content_parts))
         link.content_parts.clear()
         link.content_expected = NO_CONTENT
 
     def _channel_class_method(self, link: ChannelLink, mid: int, payload: memoryview) -> None:
         if mid == m.CHANNEL_CLOSE:
+            if link.safe:
+                # Nothing the broker could still say on it matters to this client: answer
+                # here and keep the upstream channel for the next client.
+                del self.channels[link.client_number]
+                self.send(frame(METHOD, link.client_number, CHANNEL_CLOSE_OK_PAYLOAD))
+                link.upstream.park(link)
+                return
             link.state = CLIENT_CLOSING
-            link.upstream.send(frame(METHOD, link.upstream_number, payload))
+            link.send(frame(METHOD, link.upstream_number, payload))
         elif mid == m.CHANNEL_OPEN:
             raise FrameError(
                 m.CHANNEL_ERROR,
@@ -338,7 +347,8 @@ class ClientSession(FramedProtocol):
         elif mid == m.CHANNEL_CLOSE_OK:
             pass  # nothing of ours awaits it
         elif mid in (m.CHANNEL_FLOW, m.CHANNEL_FLOW_OK):
-            link.upstream.send(frame(METHOD, link.upstream_number, payload))
+            link.safe = False
+            link.send(frame(METHOD, link.upstream_number, payload))
         else:
             raise FrameError(
                 m.COMMAND_INVALID,
@@ -363,6 +373,10 @@ class ClientSession(FramedProtocol):
                     method.index,
                 )
                 return False
+        if isinstance(method, commands.Basic.Qos):
+            return self._qos(link, method)
+        if not (isinstance(method, commands.Basic.Get) and method.no_ack):
+            link.safe = False
         if isinstance(method, commands.Queue.Declare):
             self._queue_declare(link, method)
         elif isinstance(method, commands.Queue.Delete) and queue:
@@ -370,6 +384,20 @@ class ClientSession(FramedProtocol):
         elif isinstance(method, commands.Exchange.Declare) and not method.passive:
             return self.worker.exchange_types.check(self, link, method, payload)
         return True
+
+    def _qos(self, link: ChannelLink, qos: commands.Basic.Qos) -> bool:
+        """Answer Basic.Qos here (its reply carries nothing from the broker) and let it follow
+        upstream without the client waiting; the broker's QosOk is dropped."""
+        if qos.prefetch_size:
+            # RabbitMQ closes the whole connection for this (540): keep it to this client.
+            raise FrameError(
+                m.NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - prefetch_size!=0 ({qos.prefetch_size})"
+            )
+        self.send(frame(METHOD, link.client_number, BASIC_QOS_OK_PAYLOAD))
+        link.qos_pending += 1
+        link.qos_set = bool(qos.prefetch_count or qos.global_)
+        link.send(m.encode_method(link.upstream_number, qos))
+        return False
 
     def _queue_declare(self, link: ChannelLink, declare: commands.Queue.Declare) -> None:
         """Remember exclusive queues: they belong to the shared upstream connection, which
@@ -444,28 +472,29 @@ class ClientSession(FramedProtocol):
                 f"CHANNEL_ERROR - channel {number} exceeds channel_max {self.channel_max}",
             )
         assert self.pool is not None
-        slot = self.pool.take_channel()
-        if slot is not None:
-            self._attach(number, *slot)
+        link = self.pool.take_channel(self, number)
+        if link is not None:
+            self._attach(link)
         else:
             self.run_paused(self._open_channel_later(number))
 
     async def _open_channel_later(self, number: int) -> None:
         assert self.pool is not None
         try:
-            upstream, upstream_number = await self.pool.acquire_channel()
+            link = await self.pool.acquire_channel(self, number)
         except UpstreamError as exc:
             self.close_with(exc.code, exc.text, 20, 10)
             return
         if self.state != ACTIVE:
-            upstream.numbers.release(upstream_number)
+            link.upstream.detach(link)
             return
-        self._attach(number, upstream, upstream_number)
+        self._attach(link)
 
-    def _attach(self, number: int, upstream: UpstreamConnection, upstream_number: int) -> None:
-        link = ChannelLink(self, number, upstream, upstream_number)
+    def _attach(self, link: ChannelLink) -> None:
+        """The client's side of a new channel: answered at once, whatever happens upstream."""
+        number = link.client_number
+        upstream = link.upstream
         self.channels[number] = link
-        upstream.attach(link)
         self.send(frame(METHOD, number, CHANNEL_OPEN_OK_PAYLOAD))
         if upstream.blocked is not None:
             self.upstream_blocked(upstream)
@@ -613,6 +642,13 @@ class ClientSession(FramedProtocol):
         else:
             self.send(frame(frame_type, channel, payload))
 
+    def channel_lost(self, link: ChannelLink) -> None:
+        """Its upstream channel died for an earlier client and could not be replaced."""
+        close = commands.Channel.Close(
+            m.RESOURCE_ERROR, "RESOURCE_ERROR - upstream channel lost and none free to replace it"
+        )
+        self.send(m.encode_method(link.client_number, close))
+
     def channel_closed(self, link: ChannelLink) -> None:
         """The broker confirmed the client's Channel.Close."""
         self.channels.pop(link.client_number, None)
@@ -640,8 +676,11 @@ class ClientSession(FramedProtocol):
                     del upstream.exclusive_owners[queue]
         self.exclusive_queues.clear()
         for link in self.channels.values():
-            link.content_parts.clear()
-            link.upstream.detach(link)
+            if link.safe and link.state == OPEN and link.content_expected == NO_CONTENT:
+                link.upstream.park(link)
+            else:
+                link.content_parts.clear()
+                link.upstream.detach(link)
             self.release_reading(link.upstream)
         self.channels.clear()
 

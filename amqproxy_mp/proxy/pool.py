@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from amqproxy_mp.amqp.methods import RESOURCE_ERROR
 from amqproxy_mp.metrics import Stats
+from amqproxy_mp.proxy.channels import PARKED, ChannelLink
 from amqproxy_mp.proxy.upstream import (
     UpstreamConnection,
     UpstreamError,
@@ -23,6 +24,8 @@ from amqproxy_mp.proxy.upstream import (
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from amqproxy_mp.proxy.client import ClientSession
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +41,39 @@ class Pool:
         #: Client sessions authenticated through this pool.
         self.clients = 0
         self._opening: asyncio.Future[UpstreamConnection] | None = None
+        #: Safe upstream channels whose clients left, most recently parked last.
+        self.parked: list[ChannelLink] = []
 
     async def authenticate(self) -> None:
         """Succeed when the broker accepts these credentials (a pooled connection proves it)."""
         if not any(conn.is_usable for conn in self.connections):
             await self.open_connection()
 
-    def take_channel(self) -> tuple[UpstreamConnection, int] | None:
-        """An upstream channel number on the first connection with room, without waiting."""
+    def take_channel(self, client: ClientSession, number: int) -> ChannelLink | None:
+        """An upstream channel for a client channel, without waiting: a parked one if there is
+        one (no broker round trip at all), else a new one on the first connection with room."""
+        parked = self.parked
+        while parked:
+            # The most recently parked first: a client that follows another (the PHP-FPM
+            # pattern) gets the same upstream channel, so its messages cannot overtake those of
+            # its predecessor even before the parking round trip is answered.
+            link = parked.pop()
+            if link.state == PARKED and link.upstream.is_usable:
+                link.reuse(client, number)
+                self.pools.stats.channels_reused += 1
+                return link
         for conn in self.connections:
             if conn.is_usable:
-                number = conn.numbers.allocate()
-                if number is not None:
-                    return conn, number
+                upstream_number = conn.numbers.allocate()
+                if upstream_number is not None:
+                    link = ChannelLink(client, number, conn, upstream_number)
+                    conn.attach(link)
+                    return link
         return None
 
-    async def acquire_channel(self) -> tuple[UpstreamConnection, int]:
+    async def acquire_channel(self, client: ClientSession, number: int) -> ChannelLink:
         """Like take_channel, opening another upstream connection when all are full."""
-        while (slot := self.take_channel()) is None:
+        while (link := self.take_channel(client, number)) is None:
             limit = self.pools.max_connections
             if limit and len(self.connections) >= limit and self._opening is None:
                 raise UpstreamError(
@@ -64,7 +82,7 @@ class Pool:
                     f"(max_upstream_connections)",
                 )
             await self.open_connection()
-        return slot
+        return link
 
     async def open_connection(self) -> UpstreamConnection:
         """Open one more upstream connection; concurrent callers share the same attempt."""
@@ -84,10 +102,19 @@ class Pool:
     def connection_gone(self, conn: UpstreamConnection) -> None:
         if conn in self.connections:
             self.connections.remove(conn)
+        self.parked = [link for link in self.parked if link.upstream is not conn]
 
     def close_idle(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
         """Retire connections older than max_lifetime (no new channels; closed once empty),
         and close connections without channels for idle_timeout, keeping one per pool."""
+        if self.parked:
+            still_parked = []
+            for link in self.parked:
+                if link.upstream.retired or now - link.parked_since >= idle_timeout:
+                    link.upstream.close_parked(link)
+                elif link.state == PARKED:
+                    still_parked.append(link)
+            self.parked = still_parked
         for conn in self.connections:
             if max_lifetime and not conn.retired and now - conn.opened_at >= max_lifetime:
                 conn.retired = True

@@ -20,7 +20,15 @@ from pamqp.common import FieldTable
 
 from amqproxy_mp import __version__
 from amqproxy_mp.amqp import methods as m
-from amqproxy_mp.amqp.frames import HEARTBEAT, METHOD, FrameError, frame, method_id
+from amqproxy_mp.amqp.frames import (
+    CHANNEL_NUMBER,
+    HEARTBEAT,
+    METHOD,
+    OVERHEAD,
+    FrameError,
+    frame,
+    method_id,
+)
 from amqproxy_mp.amqp.methods import commands
 from amqproxy_mp.amqp.transport import DEFAULT_FRAME_MAX, FramedProtocol
 from amqproxy_mp.proxy.channels import (
@@ -28,6 +36,7 @@ from amqproxy_mp.proxy.channels import (
     CLIENT_CLOSING,
     DETACHED,
     OPEN,
+    PARKED,
     ChannelLink,
     ChannelNumbers,
 )
@@ -40,6 +49,12 @@ log = logging.getLogger(__name__)
 
 CHANNEL_OPEN_PAYLOAD: Final = b"\x00\x14\x00\x0a\x00"
 CHANNEL_CLOSE_OK_PAYLOAD: Final = b"\x00\x14\x00\x29"
+#: Exchange.Declare(amq.direct, passive): the round trip before a channel is parked.
+PARK_CHECK_PAYLOAD: Final = m.encode_method(
+    0, commands.Exchange.Declare(exchange="amq.direct", exchange_type="direct", passive=True)
+)[7:-1]
+QOS_RESET_PAYLOAD: Final = m.encode_method(0, commands.Basic.Qos())[7:-1]
+QOS_METHOD_ID: Final = QOS_RESET_PAYLOAD[:4]
 
 CLIENT_PROPERTIES: Final[FieldTable] = {
     "product": "amqproxy-mp",
@@ -58,6 +73,16 @@ CLIENT_PROPERTIES: Final[FieldTable] = {
 
 # Connection states.
 HANDSHAKE, READY, CLOSING, CLOSED = range(4)
+
+
+def renumbered(data: bytes, channel: bytes) -> bytes:
+    """The same frames (one or more, back to back) on another channel."""
+    out = bytearray(data)
+    pos = 0
+    while pos < len(out):
+        out[pos + 1 : pos + 3] = channel
+        pos += OVERHEAD + int.from_bytes(out[pos + 3 : pos + 7], "big")
+    return bytes(out)
 
 
 class UpstreamError(Exception):
@@ -282,7 +307,9 @@ class UpstreamConnection(FramedProtocol):
             link = self.channels.get(channel)
             if link is None:
                 return  # a frame for a channel already given back: nothing to do
-            if link.state == OPEN and link.client is not None:
+            if link.markers:
+                self._draining_frame(link, frame_type, payload)
+            elif link.state == OPEN and link.client is not None:
                 if frame_type == METHOD:
                     mid = method_id(payload)
                     if mid == m.CHANNEL_CLOSE:
@@ -292,6 +319,9 @@ class UpstreamConnection(FramedProtocol):
                         return  # the proxy already answered the client's Channel.Open
                     if mid == m.BASIC_DELIVER or mid == m.BASIC_GET_OK:
                         self.stats.delivered += 1
+                    elif mid == m.BASIC_QOS_OK and link.qos_pending:
+                        link.qos_pending -= 1  # the proxy answered the client's Qos itself
+                        return
                     elif mid == m.QUEUE_DECLARE_OK and link.declares:
                         link.client.queue_declared(link, payload)
                 link.client.deliver(frame_type, link.client_number, payload)
@@ -469,7 +499,79 @@ class UpstreamConnection(FramedProtocol):
     def attach(self, link: ChannelLink) -> None:
         """Open the upstream channel for a link; the client was answered already."""
         self.channels[link.upstream_number] = link
+        self.stats.upstream_channel_opens += 1
         self.send(frame(METHOD, link.upstream_number, CHANNEL_OPEN_PAYLOAD))
+
+    def park(self, link: ChannelLink) -> None:
+        """Keep a safe channel whose client left for the next client of the pool. First one
+        round trip on it (a passive declare of amq.direct), so that whatever its last client
+        caused (a late error, a Basic.Return) arrives, and is dropped, before anyone reuses it."""
+        if self.state != READY or self.retired:
+            self.detach(link)
+            return
+        link.client = None
+        link.replay = None
+        number = link.upstream_number
+        if link.qos_set:
+            self.send(frame(METHOD, number, QOS_RESET_PAYLOAD))
+            link.qos_pending += 1
+            link.qos_set = False
+        self.send(frame(METHOD, number, PARK_CHECK_PAYLOAD))
+        link.markers += 1
+        link.state = PARKED
+        link.parked_since = time.monotonic()
+        self.pool.parked.append(link)
+
+    def close_parked(self, link: ChannelLink) -> None:
+        """A parked channel idle for too long (or on a retired connection): close it."""
+        if link.state == PARKED:
+            link.state = OPEN  # so that detach closes it upstream
+            self.detach(link)
+
+    def _draining_frame(self, link: ChannelLink, frame_type: int, payload: memoryview) -> None:
+        """A frame on a channel whose parking marker is not answered yet: it was caused by an
+        earlier client of the channel, so nobody gets it."""
+        if frame_type != METHOD:
+            return  # content of a Basic.Return for an earlier client
+        mid = method_id(payload)
+        if mid == m.EXCHANGE_DECLARE_OK:
+            link.markers -= 1
+            if not link.markers:
+                link.replay = None
+        elif mid == m.BASIC_QOS_OK:
+            link.qos_pending -= 1
+        elif mid == m.CHANNEL_CLOSE:
+            # An earlier client's late error (a publish to a missing exchange): the channel is
+            # gone, and the broker dropped whatever came after the error.
+            self.send(frame(METHOD, link.upstream_number, CHANNEL_CLOSE_OK_PAYLOAD))
+            link.markers = 0
+            if link.state == OPEN and link.client is not None:
+                self._release_number(link)
+                self._move_to_new_channel(link)
+            elif link.state == PARKED:
+                self._release_number(link)
+                link.state = BROKER_CLOSED
+            # DETACHED, CLIENT_CLOSING: we sent a Close too; the CloseOk to it frees the number
+        # anything else (a Basic.Return for an earlier client, ...) is dropped
+
+    def _move_to_new_channel(self, link: ChannelLink) -> None:
+        """Give a reused channel's client a fresh upstream channel and send again what it
+        sent on the old one, which the broker dropped unprocessed."""
+        replay = link.replay or []
+        link.replay = None
+        link.qos_pending = sum(1 for data in replay if data[7:11] == QOS_METHOD_ID)
+        number = self.numbers.allocate()
+        client = link.client
+        assert client is not None
+        if number is None:
+            link.state = BROKER_CLOSED
+            client.channel_lost(link)
+            return
+        link.upstream_number = number
+        self.attach(link)
+        renumber = CHANNEL_NUMBER.pack(number)
+        for data in replay:
+            self.send(renumbered(data, renumber))
 
     def delete_queues(self, queues: set[str], links: Iterable[ChannelLink]) -> None:
         """Delete a departing client's exclusive queues, on one of its open channels here

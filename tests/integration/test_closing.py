@@ -90,7 +90,8 @@ def test_raw_channel_number_reuse_rapidly(proxy: Target, names: Names) -> None:
 def test_connection_close_is_clean_and_frees_channels(
     proxy_factory: ProxyFactory, names: Names
 ) -> None:
-    p = proxy_factory("-t", "30")
+    # -t 1: safe channels are parked for reuse, then closed after the idle timeout
+    p = proxy_factory("-t", "1")
     q = names.queue()
     conn = p.connect()
     chans = [conn.channel() for _ in range(3)]
