@@ -21,6 +21,8 @@ from .helpers import (
     ProxyProcess,
     Target,
     get_all,
+    queue_counts,
+    wait_for,
 )
 
 PHP_DIR = Path(__file__).parent / "php"
@@ -54,6 +56,8 @@ def test_php_fpm_pattern_500_connections_one_upstream(
     b.channel().queue_declare(q)
     out = php("publish_loop.php", p.host, str(p.port), "guest", "guest", "/", q, "500")
     assert out["_rc"] == 0 and out["published"] == 500, out
+    # the proxy may acknowledge a client's close before the broker has enqueued its publish
+    wait_for(lambda: queue_counts(q)[0] == 500, timeout=10, what="500 messages in the queue")
     got = get_all(b.channel(), q)
     b.close()
     assert [body for _, _, body in got] == [f"msg-{i:04d}".encode() for i in range(500)]

@@ -194,6 +194,7 @@ def test_unacked_of_closed_channel_requeued_others_unaffected(
     bch.queue_declare(q)
     for i in range(4):
         bch.basic_publish("", q, f"u{i}".encode())
+    wait_for(lambda: queue_counts(q) == (4, 0), what="4 messages enqueued")
     conn = proxy.connect()
     ch = conn.channel()
     if scenario == "consume":
