@@ -34,6 +34,7 @@ from amqproxy_mp.metrics import (
     prepare_directory,
     read_pool_status,
 )
+from amqproxy_mp.systemd import SystemdNotifier, watchdog_interval
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,11 @@ class Master:
         self._metrics: MasterMetrics | None = None
         #: Why the last TCP check of the broker failed; "" when it answered.
         self.upstream_error = ""
+        self._systemd = SystemdNotifier(os.environ)
+        self._watchdog = watchdog_interval(os.environ)
+        self._watchdog_at = 0.0
+        #: READY=1 is due once every worker accepts (at start and after a reload).
+        self._ready_due = True
 
     # --- start ------------------------------------------------------------------------------
 
@@ -343,6 +349,7 @@ class Master:
 
     def _stop(self, how: str, worker_signal: signal.Signals) -> None:
         self.stopping = how
+        self._systemd.notify("STOPPING=1", f"STATUS=stopping ({how})")
         for slot in self.slots.values():
             # Without the master's copy, the socket closes when the worker stops accepting.
             self._close_slot_sockets(slot)
@@ -502,6 +509,16 @@ class Master:
 
     def _supervise(self) -> None:
         now = time.monotonic()
+        if self._watchdog and now - self._watchdog_at >= self._watchdog:
+            self._watchdog_at = now
+            self._systemd.notify("WATCHDOG=1")
+        if self._ready_due and not self._reloading and self.workers_health()[0]:
+            self._ready_due = False
+            self._systemd.notify(
+                "READY=1",
+                f"STATUS={len(self._live_slots())} workers accepting on "
+                f"{self._listen_text()}, upstream {self.config.upstream}",
+            )
         if self.stopping == "quick" and now > self._quick_stop_deadline:
             for worker in self.workers.values():
                 self._kill(worker, signal.SIGKILL)
@@ -559,6 +576,10 @@ class Master:
             self._reload_again = True
             return
         self._reloading = True
+        self._ready_due = True
+        self._systemd.notify(
+            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
         try:
             while True:
                 self._reload_again = False
@@ -616,6 +637,14 @@ class Master:
     # --- HTTP -----------------------------------------------------------------------------------
 
     def health(self) -> tuple[bool, str]:
+        ok, reason = self.workers_health()
+        if ok and self.upstream_error:
+            return False, f"upstream {self.config.upstream} unreachable: {self.upstream_error}"
+        return ok, reason
+
+    def workers_health(self) -> tuple[bool, str]:
+        """Are all configured workers up and beating? (The broker is another matter: the
+        proxy is ready to serve even while it is away.)"""
         if self.stopping:
             return False, "shutting down"
         slots = self._live_slots()
@@ -633,8 +662,6 @@ class Master:
             return False, f"crash-looping: {looping[0].last_exit}"
         if len(up) < len(slots):
             return False, f"{len(up)} of {len(slots)} workers up"
-        if self.upstream_error:
-            return False, f"upstream {self.config.upstream} unreachable: {self.upstream_error}"
         return True, "OK"
 
     def _healthz(self) -> Response:
