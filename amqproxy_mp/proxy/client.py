@@ -110,7 +110,6 @@ class ClientSession(FramedProtocol):
         if self.pool is not None:
             self.pool.clients -= 1
             self.worker.pools.forget_if_unused(self.pool)
-        if self.pool is not None:
             log.info(
                 "client %s (user=%r vhost=%r) disconnected after %.1f s: %s",
                 self.peer,
@@ -121,6 +120,11 @@ class ClientSession(FramedProtocol):
             )
         else:
             log.info("client %s disconnected during handshake: %s", self.peer, self._close_reason)
+
+    def _ending(self, kind: str, reason: str) -> None:
+        """Why this connection ends: `kind` labels the disconnect metric, `reason` the log."""
+        self._close_kind = kind
+        self._close_reason = reason
 
     def flush(self) -> None:
         super().flush()
@@ -134,8 +138,7 @@ class ClientSession(FramedProtocol):
                 self.vhost,
                 self.max_buffer,
             )
-            self._close_reason = f"too slow: more than {self.max_buffer} bytes unsent"
-            self._close_kind = "slow_client"
+            self._ending("slow_client", f"too slow: more than {self.max_buffer} bytes unsent")
             self.abort()
 
     def count_received(self, size: int) -> None:
@@ -152,8 +155,7 @@ class ClientSession(FramedProtocol):
         self._buf += data
         got = bytes(self._buf[:8])
         if got != PROTOCOL_HEADER[: len(got)]:
-            self._close_reason = f"bad protocol header {got!r}"
-            self._close_kind = "protocol_error"
+            self._ending("protocol_error", f"bad protocol header {got!r}")
             self.send(PROTOCOL_HEADER)
             self.state = CLOSED
             self.close_transport()
@@ -178,8 +180,7 @@ class ClientSession(FramedProtocol):
         """Send Connection.Close to the client, give its channels back, await CloseOk."""
         if self.state in (CLOSING, CLOSED):
             return
-        self._close_reason = f"closed by proxy: {code} {text}"
-        self._close_kind = kind
+        self._ending(kind, f"closed by proxy: {code} {text}")
         self._release_channels()
         self.send(m.encode_method(0, commands.Connection.Close(code, text, class_id, method_id)))
         self.state = CLOSING
@@ -204,8 +205,7 @@ class ClientSession(FramedProtocol):
             return
         log.warning("client %s (user=%r) protocol error: %s", self.peer, self.user, exc.text)
         if self.state < AWAIT_TUNE_OK:
-            self._close_reason = f"protocol error: {exc.text}"
-            self._close_kind = "protocol_error"
+            self._ending("protocol_error", f"protocol error: {exc.text}")
             self.state = CLOSED
             self.close_transport()
         else:
@@ -213,12 +213,12 @@ class ClientSession(FramedProtocol):
 
     def check_heartbeat(self, now: float, handshake_timeout: float) -> None:
         if self.state < OPENING and now - self.connected_at > handshake_timeout:
-            self._close_reason = f"handshake not completed within {handshake_timeout:g} s"
-            self._close_kind = "handshake_timeout"
+            self._ending(
+                "handshake_timeout", f"handshake not completed within {handshake_timeout:g} s"
+            )
             self.abort()
         elif not self.send_heartbeat_if_due(now):
-            self._close_reason = f"missed heartbeats (heartbeat {self.heartbeat} s)"
-            self._close_kind = "heartbeat"
+            self._ending("heartbeat", f"missed heartbeats (heartbeat {self.heartbeat} s)")
             self.abort()
 
     # --- frames from the client -----------------------------------------------------------
@@ -533,8 +533,7 @@ class ClientSession(FramedProtocol):
             return
         if index == m.CONNECTION_CLOSE:
             assert isinstance(method, commands.Connection.Close)
-            self._close_reason = "client closed the connection"
-            self._close_kind = "client_close"
+            self._ending("client_close", "client closed the connection")
             if method.reply_code != m.REPLY_SUCCESS:
                 self._close_reason += f" ({method.reply_code} {method.reply_text})"
             self._release_channels()
