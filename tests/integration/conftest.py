@@ -221,7 +221,7 @@ def restore_watermark() -> Iterator[Callable[[], None]]:
     original = memory_high_watermark()
 
     def restore() -> None:
-        rabbitmqctl("set_vm_memory_high_watermark", original)
+        rabbitmqctl("set_vm_memory_high_watermark", *original)
 
     try:
         yield restore

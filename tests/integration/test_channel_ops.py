@@ -13,7 +13,7 @@ import pytest
 from pamqp import body as pbody
 from pamqp import commands, frame, header
 
-from .helpers import Names, RawClient, Target, drain, get_all, queue_counts
+from .helpers import Names, RawClient, Target, drain, get_all, queue_counts, wait_for
 
 BODY = bytes(range(256)) * 4 + b"\r\n\x00\xce\xff end"
 
@@ -308,6 +308,7 @@ def test_transactions_commit_and_rollback(proxy: Target, names: Names) -> None:
     ch.tx_rollback()
     assert queue_counts(q) == (2, 0)
     conn.close()  # the still-unacked t0 goes back
+    wait_for(lambda: queue_counts(q) == (3, 0), what="t0 requeued")
     ch = proxy.connect().channel()
     got = get_all(ch, q)
     assert [(m.redelivered, b) for m, _, b in got] == [
@@ -348,6 +349,7 @@ def test_consume_ack_nack_reject_with_prefetch(proxy: Target, names: Names) -> N
     conn.process_data_events(time_limit=0.3)
     assert len(got) == 6
     conn.close()  # unacked m3, m1, m4 go back
+    wait_for(lambda: queue_counts(q) == (8, 0), what="unacked messages requeued")
     ready = sorted(b for _, _, b in get_all(proxy.connect().channel(), q))
     assert ready == sorted([b"m1", b"m3", b"m4", b"m5", b"m6", b"m7", b"m8", b"m9"])
 

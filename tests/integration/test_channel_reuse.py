@@ -9,7 +9,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from .helpers import Names, ProxyFactory, drain, get_all, queue_counts
+from .helpers import Names, ProxyFactory, drain, get_all, queue_counts, wait_for
 
 
 def publish_and_get_own(conn: pika.BlockingConnection, q: str, body: bytes) -> list[Any]:
@@ -103,6 +103,7 @@ def test_publish_only_clients_in_a_row(proxy_factory: ProxyFactory, names: Names
         props = pika.BasicProperties(message_id=f"m{i}", headers={"i": i} if i % 2 else None)
         c.channel().basic_publish("", q, f"body-{i}".encode() * (i + 1), props)
         c.close()
+    wait_for(lambda: queue_counts(q)[0] == 50, what="50 messages enqueued")
     got = get_all(b.channel(), q)
     b.close()
     assert [body for _, _, body in got] == [f"body-{i}".encode() * (i + 1) for i in range(50)]
