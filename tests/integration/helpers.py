@@ -173,11 +173,17 @@ def close_broker_connection(peer_port: int, reason: str) -> None:
     raise AssertionError(f"no broker connection from peer port {peer_port}:\n{out}")
 
 
-def memory_high_watermark() -> str:
-    """The broker's current vm_memory_high_watermark setting as rabbitmqctl accepts it."""
-    out = rabbitmqctl("-q", "environment", check=False)
-    m = re.search(r"\{vm_memory_high_watermark,\s*([0-9.]+)\}", out)
-    return m.group(1) if m else "0.4"
+def memory_high_watermark() -> list[str]:
+    """The broker's current vm_memory_high_watermark as ``set_vm_memory_high_watermark``
+    arguments (a fraction, or ``absolute BYTES``)."""
+    out = rabbitmqctl(
+        "-q", "eval", "vm_memory_monitor:get_vm_memory_high_watermark().", check=False
+    ).strip()
+    if m := re.fullmatch(r"\{absolute,\s*(\d+)\}", out):
+        return ["absolute", m.group(1)]
+    if re.fullmatch(r"[0-9.]+", out) and float(out) > 0:
+        return [out]
+    return ["0.4"]  # unknown, or left at 0 by an interrupted run: the default
 
 
 class RabbitAdmin:
@@ -743,3 +749,169 @@ class Aux:
 
 
 ProxyFactory = Callable[..., Target]
+
+
+# --------------------------------------------------------------------------- hardening tests
+
+#: The name each AMQP reply code's text starts with (AMQP 0-9-1, 1.9: "constants").
+REPLY_NAMES: dict[int, str] = {
+    311: "CONTENT_TOO_LARGE",
+    312: "NO_ROUTE",
+    313: "NO_CONSUMERS",
+    320: "CONNECTION_FORCED",
+    402: "INVALID_PATH",
+    403: "ACCESS_REFUSED",
+    404: "NOT_FOUND",
+    405: "RESOURCE_LOCKED",
+    406: "PRECONDITION_FAILED",
+    501: "FRAME_ERROR",
+    502: "SYNTAX_ERROR",
+    503: "COMMAND_INVALID",
+    504: "CHANNEL_ERROR",
+    505: "UNEXPECTED_FRAME",
+    506: "RESOURCE_ERROR",
+    530: "NOT_ALLOWED",
+    540: "NOT_IMPLEMENTED",
+    541: "INTERNAL_ERROR",
+}
+#: Codes that close a whole connection ("hard errors"), and those that close a channel.
+HARD_ERRORS = frozenset((320, 402, 501, 502, 503, 504, 505, 506, 530, 540, 541))
+SOFT_ERRORS = frozenset((311, 312, 313, 403, 404, 405, 406))
+
+
+def http_request(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET http://127.0.0.1:port/path; (status, body), for error statuses too."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode()
+
+
+def metric_sample(http_port: int, name: str, **labels: str) -> float:
+    """One sample of the proxy's /metrics (0.0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = http_request(http_port, "/metrics")
+    assert status == 200, (status, text)
+    wanted = tuple(sorted(labels.items()))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and tuple(sorted(sample.labels.items())) == wanted:
+                return float(sample.value)
+    return 0.0
+
+
+def worker_processes(p: ProxyProcess) -> list[psutil.Process]:
+    """The master's live worker processes (title ``amqproxy: worker N``)."""
+    assert p.proc is not None
+    found = []
+    try:
+        children = psutil.Process(p.proc.pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if " ".join(child.cmdline()).startswith("amqproxy: worker"):
+                found.append(child)
+    return found
+
+
+def worker_rss(p: ProxyProcess) -> int:
+    """Resident memory of the proxy's workers, in bytes."""
+    total = 0
+    for proc in worker_processes(p):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total
+
+
+class RssSampler:
+    """Samples the workers' RSS every ``interval`` s in a thread; ``peak`` is the largest."""
+
+    def __init__(self, p: ProxyProcess, interval: float = 0.1) -> None:
+        import threading
+
+        self.p = p
+        self.interval = interval
+        self.baseline = worker_rss(p)
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, worker_rss(self.p))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.peak = max(self.peak, worker_rss(self.p))
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
+
+
+class Bystander:
+    """A pika client with its own queue that it publishes to and consumes from: proof that
+    what another client did on the same upstream connection cost it nothing."""
+
+    def __init__(
+        self, target: Target, names: Names, user: str = "guest", password: str = "guest",
+        vhost: str = "/",
+    ) -> None:  # fmt: skip
+        self.conn = target.connect(user, password, vhost)
+        self.ch = self.conn.channel()
+        self.queue = names.queue("bystander", vhost)
+        self.ch.queue_declare(self.queue)
+        self.got: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.ch.basic_consume(
+            self.queue, lambda _c, _m, _p, body: self.got.append(body), auto_ack=True
+        )
+
+    def roundtrip(self, n: int = 3, timeout: float = 10.0) -> None:
+        """Publish n messages and wait until exactly everything sent so far came back."""
+        for _ in range(n):
+            body = f"bystander-{len(self.sent)}".encode()
+            self.ch.basic_publish("", self.queue, body)
+            self.sent.append(body)
+        drain(self.conn, lambda: len(self.got) >= len(self.sent), timeout, "bystander messages")
+        assert self.got == self.sent
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def read_until_connection_close(
+    c: RawClient, timeout: float = 10.0
+) -> tuple[Any, list[tuple[int, Any]]]:
+    """Read frames until the server's Connection.Close (answered with CloseOk); returns it
+    (None when the socket closed first) and the (channel, method) of every other method
+    frame of the connection and channel classes on the way. Other frames are skipped
+    undecoded (their content may be anything a hostile client published)."""
+    c.sock.settimeout(timeout)
+    others: list[tuple[int, Any]] = []
+    try:
+        while True:
+            c._fill(7)
+            ftype, channel, size = struct.unpack_from(">BHI", c.buf)
+            raw = c.read_exact(7 + size + 1)
+            if ftype != 1 or size < 4 or raw[7:9] not in (b"\x00\x0a", b"\x00\x14"):
+                continue
+            _, _, method = frame.unmarshal(raw)
+            if isinstance(method, commands.Connection.Close):
+                with contextlib.suppress(OSError):
+                    c.send(commands.Connection.CloseOk())
+                return method, others
+            others.append((channel, method))
+    except (RawClosed, ConnectionError):
+        return None, others
