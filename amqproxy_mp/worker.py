@@ -7,7 +7,6 @@ listening socket can be handed in (SO_REUSEPORT, opened by the master) or bound 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import platform
@@ -98,6 +97,7 @@ class Worker:
         self.tls_sockets = tls_sockets
         self.slot = slot
         self._beat_fd = beat_fd
+        self._master_pid = os.getppid()
         self.stats = Stats()
         self._metrics = WorkerMetrics(metrics_dir, slot) if metrics_dir else None
         self._metrics_dir = metrics_dir
@@ -240,10 +240,27 @@ class Worker:
             self._export_metrics()
 
     def _beat(self) -> None:
-        """Tell the master this event loop still turns (gunicorn's worker heartbeat)."""
-        if self._beat_fd is not None:
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._beat_fd, b".")
+        """Tell the master this event loop still turns (gunicorn's worker heartbeat). A master
+        that is gone (killed with SIGKILL, so it could not stop us) makes the worker stop
+        gracefully: an orphan would keep the port from the master's replacement."""
+        if self._beat_fd is None:
+            return
+        try:
+            os.write(self._beat_fd, b".")
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:
+            self._master_gone()
+            return
+        if os.getppid() != self._master_pid:
+            self._master_gone()
+
+    def _master_gone(self) -> None:
+        assert self._stopping is not None
+        if not self._stopping.is_set():
+            log.error("the master process is gone: stopping this worker gracefully")
+            self._beat_fd = None
+            self._stopping.set()
 
     def _export_metrics(self) -> None:
         if self._metrics is None or self._metrics_dir is None:
