@@ -23,9 +23,43 @@ def _error(message: str) -> int:
     return EXIT_USAGE
 
 
+def _without_check_config(args: list[str]) -> list[str]:
+    """The arguments minus --check-config and its value (both spellings)."""
+    rest: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--check-config":
+            skip = True
+        elif not arg.startswith("--check-config="):
+            rest.append(arg)
+    return rest
+
+
+def _check_config(path: str, args: list[str]) -> int:
+    """Load the configuration exactly as `amqproxy -c FILE` (with the same other arguments and
+    environment) would at start, and say whether it would start: for deploy pipelines."""
+    rest = _without_check_config(args)
+    if getattr(build_parser().parse_args(rest), "config_file", None) is not None:
+        raise ConfigError("--check-config FILE cannot be combined with -c/--config")
+    loaded = load_config([*rest, "--config", path], os.environ)
+    for warning in loaded.warnings:
+        print(f"amqproxy: warning: {warning}", file=sys.stderr)
+    print(f"{path}: OK")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    parser.add_argument(
+        "--check-config",
+        metavar="FILE",
+        help="check that the proxy would start with this config file (same as -c FILE, with "
+        "the other arguments and the environment), print 'FILE: OK' and exit 0; or print the "
+        "error and exit 2",
+    )
     try:
         options = parser.parse_args(args)  # -h and -v must work without a valid configuration
         if options.help:
@@ -34,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.version:
             print(f"amqproxy-mp {__version__}")
             return 0
+        if options.check_config is not None:
+            return _check_config(options.check_config, args)
         loaded = load_config(args, os.environ)
     except ConfigError as exc:
         return _error(str(exc))
