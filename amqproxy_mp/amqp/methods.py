@@ -14,6 +14,7 @@ from pamqp import frame as pamqp_frame
 from pamqp.base import Frame as Method
 
 from amqproxy_mp.amqp.frames import METHOD_ID, FrameError
+from amqproxy_mp.amqp.validate import check_method
 
 __all__ = [
     "Method",
@@ -46,6 +47,8 @@ BASIC_QOS_OK: Final = 0x003C000B
 QUEUE_DECLARE: Final = 0x0032000A
 QUEUE_DECLARE_OK: Final = 0x0032000B
 BASIC_PUBLISH: Final = 0x003C0028
+#: Basic.Publish's flags octet: bit 1 is `immediate`, which RabbitMQ does not implement.
+PUBLISH_IMMEDIATE: Final = 0x02
 BASIC_DELIVER: Final = 0x003C003C
 BASIC_GET_OK: Final = 0x003C0047
 
@@ -68,6 +71,9 @@ CLIENT_CHANNEL_METHODS: Final = frozenset(
 )  # fmt: skip
 
 
+#: Channel-class methods a client may send (their arguments are checked too).
+CLIENT_CHANNEL_CLASS_METHODS: Final = frozenset((0x00140028, 0x00140029, 0x00140014))
+
 #: Methods that name a queue whose exclusivity the proxy enforces among its clients.
 QUEUE_ACCESS: Final = (
     commands.Queue.Declare, commands.Queue.Bind, commands.Queue.Unbind, commands.Queue.Purge,
@@ -78,20 +84,6 @@ QUEUE_ACCESS: Final = (
 #: (method id, a 64-bit delivery tag, one octet of flags).
 DELIVERY_ACKS: Final = frozenset((0x003C0050, 0x003C0078, 0x003C005A))
 DELIVERY_ACK_SIZE: Final = 4 + 8 + 1
-
-
-def check_publish(payload: bytes | memoryview) -> None:
-    """Basic.Publish without decoding it: its two short strings must fit the frame exactly."""
-    size = len(payload)
-    # method id (4), reserved short (2), exchange shortstr, routing-key shortstr, flags (1)
-    pos = 6
-    if pos < size:
-        pos += 1 + payload[pos]
-        if pos < size:
-            pos += 1 + payload[pos]
-            if pos + 1 == size:
-                return
-    raise FrameError(SYNTAX_ERROR, "SYNTAX_ERROR - malformed Basic.Publish")
 
 
 def method_name(index: int) -> str:
@@ -120,6 +112,8 @@ RESOURCE_ERROR: Final = 506
 
 def decode_method(payload: bytes | memoryview) -> Method:
     """Decode a method frame's payload; a malformed one is the peer's syntax error."""
+    if len(payload) < 4:
+        raise FrameError(SYNTAX_ERROR, "SYNTAX_ERROR - method frame too short")
     index = METHOD_ID.unpack_from(payload)[0]
     try:
         method: Method = commands.INDEX_MAPPING[index]()
@@ -127,6 +121,7 @@ def decode_method(payload: bytes | memoryview) -> Method:
         raise FrameError(
             COMMAND_INVALID, f"COMMAND_INVALID - unknown method {index >> 16}.{index & 0xFFFF}"
         ) from None
+    check_method(index, payload)
     try:
         method.unmarshal(bytes(payload[4:]))
     except (struct.error, ValueError, TypeError, IndexError) as exc:

@@ -65,10 +65,13 @@ class ChannelLink:
     __slots__ = (
         "client",
         "client_number",
+        "close_answered",
+        "consumer_tags",
         "content_expected",
         "content_parts",
         "declares",
         "markers",
+        "opened",
         "parked_since",
         "qos_pending",
         "qos_set",
@@ -91,12 +94,20 @@ class ChannelLink:
         self.upstream = upstream
         self.upstream_number = upstream_number
         self.state = OPEN
+        #: The broker's Channel.OpenOk arrived: a Channel.Close before it is a stale one, meant
+        #: for the previous channel with this number.
+        self.opened = False
+        #: The proxy confirmed a Channel.Close from the broker (never twice: RabbitMQ may send
+        #: one per failing pipelined command, and a second CloseOk closes the connection).
+        self.close_answered = False
         # A publish being assembled: its frames, already re-numbered for upstream.
         self.content_parts: list[bytes] = []
         #: NO_CONTENT, HEADER_EXPECTED, or the number of body bytes still missing.
         self.content_expected = NO_CONTENT
-        #: For each Queue.Declare awaiting its DeclareOk: was it exclusive? (None: none pending)
-        self.declares: list[bool] | None = None
+        #: Consumer tags the client chose on this channel (reusing one is a connection error).
+        self.consumer_tags: set[str] | None = None
+        #: For each Queue.Declare awaiting its DeclareOk, what it was (see client.py).
+        self.declares: list[int] | None = None
         #: Only complete publishes, Basic.Get with no_ack and Basic.Qos happened on it: it may
         #: be handed to the next client (see DESIGN "Channel reuse").
         self.safe = True

@@ -25,12 +25,12 @@ from amqproxy_mp.amqp.frames import (
     PROTOCOL_HEADER,
     FrameError,
     body_frames,
-    content_body_size,
     frame,
     method_id,
 )
 from amqproxy_mp.amqp.methods import commands
 from amqproxy_mp.amqp.transport import DEFAULT_FRAME_MAX, FramedProtocol
+from amqproxy_mp.amqp.validate import check_content_header, check_method
 from amqproxy_mp.proxy.channels import (
     BROKER_CLOSED,
     CLIENT_CLOSING,
@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 CHANNEL_MAX: Final = 2047
 CHANNEL_OPEN_OK_PAYLOAD: Final = b"\x00\x14\x00\x0b\x00\x00\x00\x00"
 CHANNEL_CLOSE_OK_PAYLOAD: Final = b"\x00\x14\x00\x29"
+# Queue.Declare bookkeeping (ChannelLink.declares): is the queue exclusive, and did the client
+# ask for the DeclareOk?
+NOT_EXCLUSIVE, EXCLUSIVE, EXCLUSIVE_UNASKED = range(3)
+#: Queue.Declare's flags octet: after the method id, ticket and the queue name's length octet.
+NOWAIT_OFFSET: Final = 4 + 2 + 1
+NOWAIT_BIT: Final = 0x10
 BASIC_QOS_OK_PAYLOAD: Final = b"\x00\x3c\x00\x0b"
 #: How long a client gets to answer our Connection.Close before its socket is closed.
 CLOSE_OK_TIMEOUT: Final = 5.0
@@ -255,7 +261,9 @@ class ClientSession(FramedProtocol):
                 )
             mid = method_id(payload)
             if mid == m.BASIC_PUBLISH:
-                m.check_publish(payload)
+                check_method(mid, payload)
+                if payload[-1] & m.PUBLISH_IMMEDIATE:
+                    raise FrameError(m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true")
                 link.content_parts.append(frame(METHOD, number, payload))
                 link.content_expected = HEADER_EXPECTED
                 return
@@ -283,7 +291,7 @@ class ClientSession(FramedProtocol):
                     f"UNEXPECTED_FRAME - content header on channel "
                     f"{link.client_number} without a content method",
                 )
-            size = content_body_size(payload)
+            size = check_content_header(payload)
             if size > self.max_message_size:
                 link.content_parts.clear()
                 link.content_expected = NO_CONTENT
@@ -329,6 +337,8 @@ class ClientSession(FramedProtocol):
         link.content_expected = NO_CONTENT
 
     def _channel_class_method(self, link: ChannelLink, mid: int, payload: memoryview) -> None:
+        if mid in m.CLIENT_CHANNEL_CLASS_METHODS:
+            check_method(mid, payload)
         if mid == m.CHANNEL_CLOSE:
             if link.safe:
                 # Nothing the broker could still say on it matters to this client: answer
@@ -346,10 +356,13 @@ class ClientSession(FramedProtocol):
             )
         elif mid == m.CHANNEL_CLOSE_OK:
             pass  # nothing of ours awaits it
-        elif mid in (m.CHANNEL_FLOW, m.CHANNEL_FLOW_OK):
+        elif mid == m.CHANNEL_FLOW:
+            if not payload[4] & 1:
+                # RabbitMQ does not implement stopping a channel's flow (540)
+                raise FrameError(m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - active=false")
             link.safe = False
             link.send(frame(METHOD, link.upstream_number, payload))
-        else:
+        else:  # Channel.FlowOk (RabbitMQ never asks for it), Channel.OpenOk, connection class
             raise FrameError(
                 m.COMMAND_INVALID,
                 f"COMMAND_INVALID - {m.method_name(mid)} on channel {link.client_number}",
@@ -359,7 +372,13 @@ class ClientSession(FramedProtocol):
         """Look at a (decoded, hence well-formed) method before it goes upstream; False when
         the proxy answered it itself."""
         queue = getattr(method, "queue", None)
-        if queue and isinstance(method, m.QUEUE_ACCESS):
+        reserved = (
+            queue
+            and queue.startswith("amq.")
+            and isinstance(method, commands.Queue.Declare)
+            and not method.passive
+        )  # the broker's 403 comes first
+        if queue and isinstance(method, m.QUEUE_ACCESS) and not reserved:
             owner = link.upstream.exclusive_owners.get(queue)
             if owner is not None and owner is not self:
                 # RabbitMQ's answer across connections; here both share one upstream connection
@@ -375,12 +394,25 @@ class ClientSession(FramedProtocol):
                 return False
         if isinstance(method, commands.Basic.Qos):
             return self._qos(link, method)
+        if isinstance(method, commands.Basic.Recover | commands.Basic.RecoverAsync):
+            if not method.requeue:
+                raise FrameError(m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - requeue=false")
+        elif isinstance(method, commands.Basic.Consume) and method.consumer_tag:
+            tags = link.consumer_tags
+            if tags is None:
+                tags = link.consumer_tags = set()
+            elif method.consumer_tag in tags:
+                raise FrameError(
+                    m.NOT_ALLOWED,
+                    f"NOT_ALLOWED - attempt to reuse consumer tag '{method.consumer_tag}'",
+                )
+            tags.add(method.consumer_tag)
+        elif isinstance(method, commands.Basic.Cancel) and link.consumer_tags:
+            link.consumer_tags.discard(method.consumer_tag)
         if not (isinstance(method, commands.Basic.Get) and method.no_ack):
             link.safe = False
         if isinstance(method, commands.Queue.Declare):
-            self._queue_declare(link, method)
-        elif isinstance(method, commands.Queue.Delete) and queue:
-            self._forget_exclusive(link.upstream, queue)
+            self._queue_declare(link, method, payload)
         elif isinstance(method, commands.Exchange.Declare) and not method.passive:
             return self.worker.exchange_types.check(self, link, method, payload)
         return True
@@ -399,35 +431,42 @@ class ClientSession(FramedProtocol):
         link.send(m.encode_method(link.upstream_number, qos))
         return False
 
-    def _queue_declare(self, link: ChannelLink, declare: commands.Queue.Declare) -> None:
+    def _queue_declare(
+        self, link: ChannelLink, declare: commands.Queue.Declare, payload: memoryview
+    ) -> None:
         """Remember exclusive queues: they belong to the shared upstream connection, which
         outlives this client, so the proxy deletes them when the client goes and refuses
         them to other clients of that connection."""
         exclusive = bool(declare.exclusive and not declare.passive)
+        kind = EXCLUSIVE if exclusive else NOT_EXCLUSIVE
         if declare.nowait:
-            if exclusive and declare.queue:
+            if not exclusive:
+                return
+            if declare.queue:
                 self._own_exclusive(link.upstream, declare.queue)
-            return
+                return
+            # A server-named queue: the proxy must learn its name, so it asks for the
+            # DeclareOk (clearing the nowait bit in place) and keeps it from the client.
+            payload[NOWAIT_OFFSET + len(declare.queue or "")] &= ~NOWAIT_BIT
+            kind = EXCLUSIVE_UNASKED
         if link.declares is None:
             link.declares = []
-        link.declares.append(exclusive)
+        link.declares.append(kind)
 
-    def queue_declared(self, link: ChannelLink, payload: memoryview) -> None:
-        """A DeclareOk from the broker on one of this client's channels."""
+    def queue_declared(self, link: ChannelLink, payload: memoryview) -> bool:
+        """A DeclareOk from the broker on one of this client's channels; False when the
+        client did not ask for it (nowait)."""
         assert link.declares
-        if link.declares.pop(0):
+        kind = link.declares.pop(0)
+        if kind != NOT_EXCLUSIVE:
             ok = m.decode_method(payload)
             assert isinstance(ok, commands.Queue.DeclareOk)
             self._own_exclusive(link.upstream, ok.queue or "")
+        return kind != EXCLUSIVE_UNASKED
 
     def _own_exclusive(self, upstream: UpstreamConnection, queue: str) -> None:
         self.exclusive_queues.setdefault(upstream, set()).add(queue)
         upstream.exclusive_owners[queue] = self
-
-    def _forget_exclusive(self, upstream: UpstreamConnection, queue: str) -> None:
-        if upstream.exclusive_owners.get(queue) is self:
-            del upstream.exclusive_owners[queue]
-            self.exclusive_queues.get(upstream, set()).discard(queue)
 
     def _close_channel(self, link: ChannelLink, code: int, text: str, mid: int) -> None:
         """Close one channel at the proxy: Channel.Close to the client (which must confirm),

@@ -313,20 +313,26 @@ class UpstreamConnection(FramedProtocol):
                 if frame_type == METHOD:
                     mid = method_id(payload)
                     if mid == m.CHANNEL_CLOSE:
-                        self._broker_closed_channel(link, payload)
-                        return
+                        if link.opened:
+                            self._broker_closed_channel(link, payload)
+                        return  # else a stale Close for this number's previous channel
                     if mid == m.CHANNEL_OPEN_OK:
+                        link.opened = True
                         return  # the proxy already answered the client's Channel.Open
                     if mid == m.BASIC_DELIVER or mid == m.BASIC_GET_OK:
                         self.stats.delivered += 1
                     elif mid == m.BASIC_QOS_OK and link.qos_pending:
                         link.qos_pending -= 1  # the proxy answered the client's Qos itself
                         return
-                    elif mid == m.QUEUE_DECLARE_OK and link.declares:
-                        link.client.queue_declared(link, payload)
+                    elif (
+                        mid == m.QUEUE_DECLARE_OK
+                        and link.declares
+                        and not link.client.queue_declared(link, payload)
+                    ):
+                        return  # a DeclareOk the client did not ask for (nowait)
                 link.client.deliver(frame_type, link.client_number, payload)
             elif frame_type == METHOD:
-                self._closing_channel_method(link, method_id(payload))
+                self._closing_channel_method(link, method_id(payload), payload)
             return
         if frame_type == METHOD:
             if self.state == HANDSHAKE:
@@ -498,7 +504,10 @@ class UpstreamConnection(FramedProtocol):
 
     def attach(self, link: ChannelLink) -> None:
         """Open the upstream channel for a link; the client was answered already."""
+        if link.upstream_number in self.channels:
+            log.error("BUG: upstream channel %d handed out twice on %r", link.upstream_number, self)
         self.channels[link.upstream_number] = link
+        link.opened = False
         self.stats.upstream_channel_opens += 1
         self.send(frame(METHOD, link.upstream_number, CHANNEL_OPEN_PAYLOAD))
 
@@ -534,7 +543,9 @@ class UpstreamConnection(FramedProtocol):
         if frame_type != METHOD:
             return  # content of a Basic.Return for an earlier client
         mid = method_id(payload)
-        if mid == m.EXCHANGE_DECLARE_OK:
+        if mid == m.CHANNEL_OPEN_OK:
+            link.opened = True  # a channel parked right after it was opened
+        elif mid == m.EXCHANGE_DECLARE_OK:
             link.markers -= 1
             if not link.markers:
                 link.replay = None
@@ -578,7 +589,11 @@ class UpstreamConnection(FramedProtocol):
         or else on a channel opened for just that."""
         if self.state != READY:
             return
-        link = next((x for x in links if x.upstream is self and x.state == OPEN), None)
+        # not on a reused channel still draining: an earlier client's error could close it
+        # before the broker reads the deletes
+        link = next(
+            (x for x in links if x.upstream is self and x.state == OPEN and not x.markers), None
+        )
         temporary = link is None
         if link is None:
             number = self.numbers.allocate()
@@ -618,18 +633,32 @@ class UpstreamConnection(FramedProtocol):
         assert link.client is not None
         link.client.deliver(METHOD, link.client_number, payload)
 
-    def _closing_channel_method(self, link: ChannelLink, mid: int) -> None:
-        """A method on a channel the proxy is closing: only the close handshake matters."""
+    def _closing_channel_method(self, link: ChannelLink, mid: int, payload: memoryview) -> None:
+        """A method on a channel the proxy is closing: the close handshake matters, and the
+        exclusive queues it may still have created."""
         if mid == m.CHANNEL_CLOSE_OK:
             self._release_number(link)
             if link.state == CLIENT_CLOSING and link.client is not None:
                 link.client.channel_closed(link)
         elif mid == m.CHANNEL_CLOSE:
-            # Both sides closed at once: confirm theirs, keep waiting for the CloseOk to ours.
-            self.send(frame(METHOD, link.upstream_number, CHANNEL_CLOSE_OK_PAYLOAD))
+            if link.opened and not link.close_answered:
+                # Both sides closed at once: confirm theirs, wait for the CloseOk to ours.
+                link.close_answered = True
+                self.send(frame(METHOD, link.upstream_number, CHANNEL_CLOSE_OK_PAYLOAD))
+        elif mid == m.CHANNEL_OPEN_OK:
+            link.opened = True
+        elif mid == m.QUEUE_DECLARE_OK and link.declares:
+            if link.client is not None:
+                link.client.queue_declared(link, payload)
+            elif link.declares.pop(0):
+                # its client left before the DeclareOk: nobody will delete it otherwise
+                ok = m.decode_method(payload)
+                assert isinstance(ok, commands.Queue.DeclareOk)
+                self.delete_queues({ok.queue or ""}, ())
 
     def _release_number(self, link: ChannelLink) -> None:
-        if self.channels.pop(link.upstream_number, None) is not None:
+        if self.channels.get(link.upstream_number) is link:
+            del self.channels[link.upstream_number]
             self.numbers.release(link.upstream_number)
             if not self.channels:
                 self.idle_since = time.monotonic()
