@@ -7,6 +7,8 @@ listening socket can be handed in (SO_REUSEPORT, opened by the master) or bound 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 import os
 import platform
@@ -23,9 +25,11 @@ from pamqp.common import FieldTable
 from amqproxy_mp import __version__
 from amqproxy_mp.amqp import methods as m
 from amqproxy_mp.amqp.methods import commands
+from amqproxy_mp.amqp.transport import DEFAULT_FRAME_MAX
 from amqproxy_mp.config import Config
 from amqproxy_mp.logs import reopen_log_file
 from amqproxy_mp.metrics import Gauges, Stats, WorkerMetrics, write_pool_status
+from amqproxy_mp.proxy.client import CHANNEL_MAX as CLIENT_CHANNEL_MAX
 from amqproxy_mp.proxy.client import ClientSession
 from amqproxy_mp.proxy.exchange_types import ExchangeTypes
 from amqproxy_mp.proxy.pool import Pools
@@ -35,6 +39,21 @@ log = logging.getLogger(__name__)
 
 #: How often heartbeats, handshake deadlines and idle connections are checked.
 TICK: Final = 0.5
+#: Fewer clients than the peak by this many: give freed memory back (see _give_memory_back).
+TRIM_AFTER_CLIENTS: Final = 1000
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, where there is one."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
 #: Metrics and pool status go to the master every this many ticks.
 METRICS_EVERY: Final = 2
 
@@ -128,10 +147,19 @@ class Worker:
                 locales="en_US",
             ),
         )
+        self.connection_tune = m.encode_method(
+            0,
+            commands.Connection.Tune(
+                channel_max=CLIENT_CHANNEL_MAX,
+                frame_max=DEFAULT_FRAME_MAX,
+                heartbeat=config.client_heartbeat,
+            ),
+        )
         self._servers: list[asyncio.Server] = []
         self._stopping: asyncio.Event | None = None
         self._signals = 0
         self._quick = False
+        self._peak_clients = 0
         self._retiring = False
 
     # --- running ----------------------------------------------------------------------------
@@ -238,6 +266,19 @@ class Worker:
         self.pools.close_idle(config.idle_connection_timeout)
         if ticks % METRICS_EVERY == 0:
             self._export_metrics()
+        self._give_memory_back()
+
+    def _give_memory_back(self) -> None:
+        """After a connection storm has passed, hand the freed memory back to the system: the
+        allocator keeps it otherwise, and the worker's RSS would stay at its peak."""
+        clients = len(self.sessions)
+        self._peak_clients = max(self._peak_clients, clients)
+        if self._peak_clients - clients < TRIM_AFTER_CLIENTS:
+            return
+        self._peak_clients = clients
+        gc.collect()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     def _beat(self) -> None:
         """Tell the master this event loop still turns (gunicorn's worker heartbeat). A master

@@ -161,12 +161,16 @@ class FramedProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         if not self._out:
             return
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        self._out.clear()
+        out = self._out
+        self._out = []
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+            if len(out) == 1:
+                self.transport.write(out[0])
+                self.count_sent(len(out[0]))
+            else:
+                self.transport.writelines(out)  # one writev, no join
+                self.count_sent(sum(map(len, out)))
             self.last_write = time.monotonic()
-            self.count_sent(len(data))
 
     def send_heartbeat_if_due(self, now: float) -> bool:
         """Originate a heartbeat on this hop; returns False when the peer has gone silent."""

@@ -130,6 +130,8 @@ def check_content_header(payload: bytes | memoryview) -> int:
             f"UNEXPECTED_FRAME - content header of class {class_id} weight {weight}",
         )
     flags = int.from_bytes(payload[12:14], "big")
+    if not flags and len(payload) == 14:
+        return int(size)  # no properties at all
     try:
         if flags & 1:
             raise _Malformed("continued property flags")

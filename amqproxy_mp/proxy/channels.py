@@ -26,6 +26,8 @@ DETACHED = 3
 #: it was caused by earlier clients and is dropped (`markers` > 0).
 PARKED = 4
 
+NO_PREFETCH = (0, False)
+
 NO_CONTENT = -1
 HEADER_EXPECTED = -2
 
@@ -65,16 +67,18 @@ class ChannelLink:
     __slots__ = (
         "client",
         "client_number",
+        "client_qos",
         "close_answered",
         "consumer_tags",
         "content_expected",
         "content_parts",
         "declares",
+        "last_publish",
         "markers",
         "opened",
         "parked_since",
+        "prefetch",
         "qos_pending",
-        "qos_set",
         "replay",
         "safe",
         "state",
@@ -106,6 +110,8 @@ class ChannelLink:
         self.content_expected = NO_CONTENT
         #: Consumer tags the client chose on this channel (reusing one is a connection error).
         self.consumer_tags: set[str] | None = None
+        #: The last Basic.Publish payload that passed validation.
+        self.last_publish = b""
         #: For each Queue.Declare awaiting its DeclareOk, what it was (see client.py).
         self.declares: list[int] | None = None
         #: Only complete publishes, Basic.Get with no_ack and Basic.Qos happened on it: it may
@@ -113,8 +119,10 @@ class ChannelLink:
         self.safe = True
         #: Basic.QosOk replies still to come from the broker for Qos the proxy answered itself.
         self.qos_pending = 0
-        #: A prefetch other than the default is set on the upstream channel.
-        self.qos_set = False
+        #: (prefetch_count, global) last asked of the upstream channel; falsy: the default.
+        self.prefetch: tuple[int, bool] = NO_PREFETCH
+        #: The current client set a prefetch itself (else, on a reused channel, it is inherited).
+        self.client_qos = False
         self.parked_since = 0.0
         #: Parking markers the broker has not answered yet: while > 0, frames from upstream
         #: belong to earlier clients.
@@ -129,6 +137,7 @@ class ChannelLink:
         self.client_number = client_number
         self.state = OPEN
         self.safe = True
+        self.client_qos = False
         self.replay = [] if self.markers else None
 
     def send(self, data: bytes) -> None:

@@ -36,6 +36,7 @@ from amqproxy_mp.proxy.channels import (
     CLIENT_CLOSING,
     HEADER_EXPECTED,
     NO_CONTENT,
+    NO_PREFETCH,
     OPEN,
     ChannelLink,
 )
@@ -57,6 +58,9 @@ NOT_EXCLUSIVE, EXCLUSIVE, EXCLUSIVE_UNASKED = range(3)
 #: Queue.Declare's flags octet: after the method id, ticket and the queue name's length octet.
 NOWAIT_OFFSET: Final = 4 + 2 + 1
 NOWAIT_BIT: Final = 0x10
+# Constant frames of the handshake, encoded once.
+CONNECTION_OPEN_OK: Final = m.encode_method(0, commands.Connection.OpenOk())
+CONNECTION_CLOSE_OK: Final = m.encode_method(0, commands.Connection.CloseOk())
 BASIC_QOS_OK_PAYLOAD: Final = b"\x00\x3c\x00\x0b"
 #: How long a client gets to answer our Connection.Close before its socket is closed.
 CLOSE_OK_TIMEOUT: Final = 5.0
@@ -117,7 +121,7 @@ class ClientSession(FramedProtocol):
             self.pool.clients -= 1
             self.worker.pools.forget_if_unused(self.pool)
             log.info(
-                "client %s (user=%r vhost=%r) disconnected after %.1f s: %s",
+                "client %s (user=%r vhost=%r) connected for %.1f s, disconnected: %s",
                 self.peer,
                 self.user,
                 self.vhost,
@@ -261,9 +265,11 @@ class ClientSession(FramedProtocol):
                 )
             mid = method_id(payload)
             if mid == m.BASIC_PUBLISH:
-                check_method(mid, payload)
-                if payload[-1] & m.PUBLISH_IMMEDIATE:
-                    raise FrameError(m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true")
+                if payload != link.last_publish:  # a publisher repeats itself: check once
+                    check_method(mid, payload)
+                    if payload[-1] & m.PUBLISH_IMMEDIATE:
+                        raise FrameError(m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true")
+                    link.last_publish = bytes(payload)
                 link.content_parts.append(frame(METHOD, number, payload))
                 link.content_expected = HEADER_EXPECTED
                 return
@@ -393,11 +399,18 @@ class ClientSession(FramedProtocol):
                 )
                 return False
         if isinstance(method, commands.Basic.Qos):
-            return self._qos(link, method)
+            return self._qos(link, method, payload)
         if isinstance(method, commands.Basic.Recover | commands.Basic.RecoverAsync):
             if not method.requeue:
                 raise FrameError(m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - requeue=false")
-        elif isinstance(method, commands.Basic.Consume) and method.consumer_tag:
+        elif (
+            isinstance(method, commands.Basic.Consume)
+            and not link.client_qos
+            and link.prefetch != NO_PREFETCH
+        ):
+            # a reused channel: the prefetch an earlier client set is not this client's
+            link.upstream.reset_prefetch(link)
+        if isinstance(method, commands.Basic.Consume) and method.consumer_tag:
             tags = link.consumer_tags
             if tags is None:
                 tags = link.consumer_tags = set()
@@ -417,18 +430,22 @@ class ClientSession(FramedProtocol):
             return self.worker.exchange_types.check(self, link, method, payload)
         return True
 
-    def _qos(self, link: ChannelLink, qos: commands.Basic.Qos) -> bool:
+    def _qos(self, link: ChannelLink, qos: commands.Basic.Qos, payload: memoryview) -> bool:
         """Answer Basic.Qos here (its reply carries nothing from the broker) and let it follow
-        upstream without the client waiting; the broker's QosOk is dropped."""
+        upstream without the client waiting, unless the upstream channel has that prefetch
+        already (a reused channel: php-amqp sets the same prefetch on every channel)."""
         if qos.prefetch_size:
             # RabbitMQ closes the whole connection for this (540): keep it to this client.
             raise FrameError(
                 m.NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - prefetch_size!=0 ({qos.prefetch_size})"
             )
         self.send(frame(METHOD, link.client_number, BASIC_QOS_OK_PAYLOAD))
-        link.qos_pending += 1
-        link.qos_set = bool(qos.prefetch_count or qos.global_)
-        link.send(m.encode_method(link.upstream_number, qos))
+        link.client_qos = True
+        prefetch = (qos.prefetch_count or 0, bool(qos.global_))
+        if prefetch != link.prefetch:
+            link.prefetch = prefetch
+            link.qos_pending += 1  # its QosOk is dropped
+            link.send(frame(METHOD, link.upstream_number, payload))
         return False
 
     def _queue_declare(
@@ -566,7 +583,7 @@ class ClientSession(FramedProtocol):
         if self.state == CLOSING:
             if index in (m.CONNECTION_CLOSE_OK, m.CONNECTION_CLOSE):
                 if index == m.CONNECTION_CLOSE:
-                    self.send(m.encode_method(0, commands.Connection.CloseOk()))
+                    self.send(CONNECTION_CLOSE_OK)
                 self.state = CLOSED
                 self.close_transport()
             return
@@ -576,7 +593,7 @@ class ClientSession(FramedProtocol):
             if method.reply_code != m.REPLY_SUCCESS:
                 self._close_reason += f" ({method.reply_code} {method.reply_text})"
             self._release_channels()
-            self.send(m.encode_method(0, commands.Connection.CloseOk()))
+            self.send(CONNECTION_CLOSE_OK)
             self.state = CLOSED
             self.close_transport()
         elif self.state == AWAIT_START_OK and isinstance(method, commands.Connection.StartOk):
@@ -605,16 +622,7 @@ class ClientSession(FramedProtocol):
             log.warning("client %s: authentication failed: %s", self.peer, exc)
             self.close_with(m.ACCESS_REFUSED, f"ACCESS_REFUSED - {exc}", 10, 11, kind="auth_failed")
             return
-        self.send(
-            m.encode_method(
-                0,
-                commands.Connection.Tune(
-                    channel_max=CHANNEL_MAX,
-                    frame_max=DEFAULT_FRAME_MAX,
-                    heartbeat=self.worker.config.client_heartbeat,
-                ),
-            )
-        )
+        self.send(self.worker.connection_tune)
         self.state = AWAIT_TUNE_OK
 
     def _tune_ok(self, method: commands.Connection.TuneOk) -> None:
@@ -667,8 +675,9 @@ class ClientSession(FramedProtocol):
         self.pool = pool
         pool.clients += 1
         self.state = ACTIVE
-        self.send(m.encode_method(0, commands.Connection.OpenOk()))
-        log.info("client %s connected as user=%r vhost=%r", self.peer, self.user, self.vhost)
+        self.send(CONNECTION_OPEN_OK)
+        # one INFO line per client, when it leaves (PHP-FPM opens thousands a second)
+        log.debug("client %s connected as user=%r vhost=%r", self.peer, self.user, self.vhost)
 
     # --- frames from the broker -----------------------------------------------------------
 

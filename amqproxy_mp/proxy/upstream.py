@@ -35,6 +35,7 @@ from amqproxy_mp.proxy.channels import (
     BROKER_CLOSED,
     CLIENT_CLOSING,
     DETACHED,
+    NO_PREFETCH,
     OPEN,
     PARKED,
     ChannelLink,
@@ -520,16 +521,19 @@ class UpstreamConnection(FramedProtocol):
             return
         link.client = None
         link.replay = None
-        number = link.upstream_number
-        if link.qos_set:
-            self.send(frame(METHOD, number, QOS_RESET_PAYLOAD))
-            link.qos_pending += 1
-            link.qos_set = False
-        self.send(frame(METHOD, number, PARK_CHECK_PAYLOAD))
+        # (the prefetch stays: the next client most likely asks for the same; see reset_prefetch)
+        self.send(frame(METHOD, link.upstream_number, PARK_CHECK_PAYLOAD))
         link.markers += 1
         link.state = PARKED
         link.parked_since = time.monotonic()
         self.pool.parked.append(link)
+
+    def reset_prefetch(self, link: ChannelLink) -> None:
+        """Back to the default prefetch on a reused channel, before a consumer that did not set
+        one of its own starts; the QosOk is dropped."""
+        link.prefetch = NO_PREFETCH
+        link.qos_pending += 1
+        link.send(frame(METHOD, link.upstream_number, QOS_RESET_PAYLOAD))
 
     def close_parked(self, link: ChannelLink) -> None:
         """A parked channel idle for too long (or on a retired connection): close it."""
@@ -580,6 +584,16 @@ class UpstreamConnection(FramedProtocol):
             return
         link.upstream_number = number
         self.attach(link)
+        # A fresh channel has the default prefetch. The client's own, if it set one, is in the
+        # replay, or (when the old channel had it already) must be sent again first.
+        if link.qos_pending:
+            pass
+        elif link.client_qos and link.prefetch != NO_PREFETCH:
+            count, global_ = link.prefetch
+            self.send(m.encode_method(number, commands.Basic.Qos(0, count, global_)))
+            link.qos_pending += 1
+        else:
+            link.prefetch = NO_PREFETCH
         renumber = CHANNEL_NUMBER.pack(number)
         for data in replay:
             self.send(renumbered(data, renumber))

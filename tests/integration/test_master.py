@@ -392,7 +392,7 @@ def test_usr1_reopens_the_log_file(proxy_factory: ProxyFactory, tmp_path: Path) 
     conn = p.connect()  # a worker logs this client
     conn.close()
     wait_for(
-        lambda: "connected as user='guest'" in log_file.read_text(),
+        lambda: "(user='guest' vhost='/') connected for" in log_file.read_text(),
         what="the worker writing to the new file",
     )
     assert "reopening the log file" in rotated.read_text()
