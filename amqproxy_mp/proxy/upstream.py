@@ -188,6 +188,8 @@ class UpstreamConnection(FramedProtocol):
         self.retired = False
         self.local_port: int | None = None
         self.stats = pool.pools.stats
+        #: How log lines name this connection.
+        self.name = f"{settings.address} (user={pool.user!r} vhost={pool.vhost!r})"
         #: Exclusive queues declared through this connection, and the client that owns each.
         self.exclusive_owners: dict[str, ClientSession] = {}
         #: A disposable connection's one trial method (see `probe`).
@@ -222,10 +224,8 @@ class UpstreamConnection(FramedProtocol):
             self.pool.pools.stats.upstream_errors["lost"] += 1
             reason = f"connection lost: {exc}" if exc else "connection closed by broker"
             log.warning(
-                "upstream connection to %s (user=%r vhost=%r) %s",
-                self.settings.address,
-                self.pool.user,
-                self.pool.vhost,
+                "upstream connection to %s %s",
+                self.name,
                 reason,
             )
             self._close_clients(
@@ -233,10 +233,8 @@ class UpstreamConnection(FramedProtocol):
             )
         elif was == CLOSING:
             log.info(
-                "upstream connection to %s (user=%r vhost=%r) closed: %s",
-                self.settings.address,
-                self.pool.user,
-                self.pool.vhost,
+                "upstream connection to %s closed: %s",
+                self.name,
                 self._close_reason or "closed",
             )
 
@@ -279,10 +277,8 @@ class UpstreamConnection(FramedProtocol):
         clients that publish here, so their data waits in their sockets, not in memory."""
         self.write_paused = True
         log.info(
-            "upstream %s (user=%r vhost=%r) is not reading; pausing its clients",
-            self.settings.address,
-            self.pool.user,
-            self.pool.vhost,
+            "upstream %s is not reading; pausing its clients",
+            self.name,
         )
         for client in self.clients():
             client.hold_reading(self)
@@ -290,10 +286,8 @@ class UpstreamConnection(FramedProtocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         log.info(
-            "upstream %s (user=%r vhost=%r) reads again; resuming its clients",
-            self.settings.address,
-            self.pool.user,
-            self.pool.vhost,
+            "upstream %s reads again; resuming its clients",
+            self.name,
         )
         for client in self.clients():
             client.release_reading(self)
@@ -402,10 +396,8 @@ class UpstreamConnection(FramedProtocol):
             self.send(m.encode_method(0, commands.Connection.CloseOk()))
             self.stats.upstream_errors["closed_by_broker"] += 1
             log.warning(
-                "upstream %s (user=%r vhost=%r) closed by broker: %s %s",
-                self.settings.address,
-                self.pool.user,
-                self.pool.vhost,
+                "upstream %s closed by broker: %s %s",
+                self.name,
                 close.reply_code,
                 close.reply_text,
             )
@@ -423,10 +415,8 @@ class UpstreamConnection(FramedProtocol):
             assert isinstance(blocked, commands.Connection.Blocked)
             self.blocked = blocked.reason or "blocked"
             log.warning(
-                "upstream %s (user=%r vhost=%r) blocked by broker: %s",
-                self.settings.address,
-                self.pool.user,
-                self.pool.vhost,
+                "upstream %s blocked by broker: %s",
+                self.name,
                 self.blocked,
             )
             for client in self.clients():
@@ -434,10 +424,8 @@ class UpstreamConnection(FramedProtocol):
         elif mid == m.CONNECTION_UNBLOCKED:
             self.blocked = None
             log.info(
-                "upstream %s (user=%r vhost=%r) unblocked",
-                self.settings.address,
-                self.pool.user,
-                self.pool.vhost,
+                "upstream %s unblocked",
+                self.name,
             )
             for client in self.clients():
                 client.upstream_unblocked(self)
@@ -470,10 +458,8 @@ class UpstreamConnection(FramedProtocol):
     def missed_heartbeats(self) -> None:
         self.stats.upstream_errors["heartbeat"] += 1
         log.warning(
-            "upstream %s (user=%r vhost=%r) missed heartbeats (heartbeat %s s)",
-            self.settings.address,
-            self.pool.user,
-            self.pool.vhost,
+            "upstream %s missed heartbeats (heartbeat %s s)",
+            self.name,
             self.heartbeat,
         )
         self._fail(m.CONNECTION_FORCED, "CONNECTION_FORCED - upstream missed heartbeats")
