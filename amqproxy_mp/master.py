@@ -35,6 +35,7 @@ from amqproxy_mp.metrics import (
     read_pool_status,
 )
 from amqproxy_mp.systemd import SystemdNotifier, watchdog_interval
+from amqproxy_mp.worker import LISTEN_BACKLOG
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,6 @@ MAX_BACKOFF: Final = 30.0
 READY_TIMEOUT: Final = 15.0
 #: After a quick stop, workers that are still there after this are killed.
 QUICK_STOP_TIMEOUT: Final = 10.0
-#: Accept queue per worker socket; the kernel caps it at net.core.somaxconn. A connection storm
-#: (thousands of PHP workers after a deploy) must queue, not be dropped and retried.
-LISTEN_BACKLOG: Final = 65535
 #: How often the master checks that the broker accepts TCP connections (for /healthz).
 UPSTREAM_CHECK_INTERVAL: Final = 2.0
 #: A worker whose last heartbeat is older than this does not count as up in /healthz.
@@ -235,7 +233,7 @@ class Master:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(sockaddr)
-                sock.listen(LISTEN_BACKLOG)
+                sock.listen(LISTEN_BACKLOG)  # (the worker's create_server repeats it)
             except OSError:
                 sock.close()
                 for other in sockets:

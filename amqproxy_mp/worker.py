@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: How often heartbeats, handshake deadlines and idle connections are checked.
 TICK: Final = 0.5
+#: Accept queue of the listening sockets; the kernel caps it at net.core.somaxconn. A
+#: connection storm (thousands of PHP workers after a deploy) must queue, not be dropped.
+LISTEN_BACKLOG: Final = 65535
 #: Fewer clients than the peak by this many: give freed memory back (see _give_memory_back).
 TRIM_AFTER_CLIENTS: Final = 1000
 
@@ -200,8 +203,11 @@ class Worker:
         def factory() -> ClientSession:
             return ClientSession(self)
 
+        # create_server listens again: without the backlog it would shrink the master's to 100
         for sock in self.sockets:
-            self._servers.append(await self.loop.create_server(factory, sock=sock))
+            self._servers.append(
+                await self.loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
+            )
         if self.tls_sockets:
             context = listener_tls_context(self.config)
             for sock in self.tls_sockets:
@@ -209,6 +215,7 @@ class Worker:
                     await self.loop.create_server(
                         factory,
                         sock=sock,
+                        backlog=LISTEN_BACKLOG,
                         ssl=context,
                         ssl_handshake_timeout=self.config.client_handshake_timeout,
                     )

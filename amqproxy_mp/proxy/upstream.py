@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Bytes queued towards the broker above which its publishing clients are paused.
+UPSTREAM_WRITE_BUFFER: Final = 4 * 1024 * 1024
 CHANNEL_OPEN_PAYLOAD: Final = b"\x00\x14\x00\x0a\x00"
 CHANNEL_CLOSE_OK_PAYLOAD: Final = b"\x00\x14\x00\x29"
 #: Exchange.Declare(amq.direct, passive): the round trip before a channel is parked.
@@ -207,6 +209,9 @@ class UpstreamConnection(FramedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # Pause the clients only when the broker really stops reading, not between two large
+        # messages (uvloop's default high-water mark is 64 KiB).
+        transport.set_write_buffer_limits(high=UPSTREAM_WRITE_BUFFER)  # type: ignore[attr-defined]
         sockname = transport.get_extra_info("sockname")
         self.local_port = sockname[1] if sockname else None
         self.send(b"AMQP\x00\x00\x09\x01")
