@@ -212,8 +212,8 @@ class NotifySocket:
     def close(self) -> None:
         self.sock.close()
 
-    def collect(self, seconds: float) -> list[list[str]]:
-        """All datagrams arriving within `seconds`."""
+    def _receive(self, seconds: float, until: str | None = None) -> tuple[list[list[str]], bool]:
+        """Datagrams arriving within `seconds`, stopping after one that holds `until`."""
         got = []
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
@@ -225,23 +225,19 @@ class NotifySocket:
             states = data.decode().split("\n")
             self.received.append((time.monotonic(), states))
             got.append(states)
-        return got
+            if until is not None and until in states:
+                return got, True
+        return got, False
+
+    def collect(self, seconds: float) -> list[list[str]]:
+        """All datagrams arriving within `seconds`."""
+        return self._receive(seconds)[0]
 
     def wait_for(self, state: str, timeout: float, hint: str = "") -> list[list[str]]:
         """Datagrams up to and including the first one holding `state`."""
-        got = []
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                break
-            states = data.decode().split("\n")
-            self.received.append((time.monotonic(), states))
-            got.append(states)
-            if state in states:
-                return got
+        got, found = self._receive(timeout, until=state)
+        if found:
+            return got
         everything = [s for _, s in self.received]
         raise AssertionError(
             f"no {state} on NOTIFY_SOCKET within {timeout} s{hint}; received so far: {everything}"
