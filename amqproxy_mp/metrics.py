@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
@@ -169,6 +170,23 @@ class _LabelledDelta:
             last[label] = value
 
 
+#: The plain counters of Stats and the Prometheus counter each one feeds.
+PLAIN_COUNTERS: Final = (
+    ("published", "amqproxy_messages_published",
+     "Complete messages forwarded from clients to the broker"),
+    ("delivered", "amqproxy_messages_delivered",
+     "Messages (Basic.Deliver, Basic.GetOk) forwarded from the broker to clients"),
+    ("upstream_channel_opens", "amqproxy_upstream_channel_opens",
+     "Channel.Open sent to the broker"),
+    ("channels_reused", "amqproxy_channels_reused",
+     "Client channels served by a parked upstream channel, without a Channel.Open"),
+    ("client_bytes_in", "amqproxy_client_bytes_received", "Bytes received from clients"),
+    ("client_bytes_out", "amqproxy_client_bytes_sent", "Bytes sent to clients"),
+    ("upstream_bytes_in", "amqproxy_upstream_bytes_received", "Bytes received from the broker"),
+    ("upstream_bytes_out", "amqproxy_upstream_bytes_sent", "Bytes sent to the broker"),
+)  # fmt: skip
+
+
 class WorkerMetrics:
     """A worker's prometheus-client metrics, written to per-pid mmap files in `directory`.
 
@@ -200,29 +218,10 @@ class WorkerMetrics:
         self.upstream_channels = gauge(
             "amqproxy_upstream_channels", "Channels open on upstream connections"
         )
-        self.published = counter(
-            "amqproxy_messages_published", "Complete messages forwarded from clients to the broker"
-        )
-        self.delivered = counter(
-            "amqproxy_messages_delivered",
-            "Messages (Basic.Deliver, Basic.GetOk) forwarded from the broker to clients",
-        )
-        self.upstream_channel_opens = counter(
-            "amqproxy_upstream_channel_opens", "Channel.Open sent to the broker"
-        )
-        self.channels_reused = counter(
-            "amqproxy_channels_reused",
-            "Client channels served by a parked upstream channel, without a Channel.Open",
-        )
-        self.client_bytes_in = counter(
-            "amqproxy_client_bytes_received", "Bytes received from clients"
-        )
-        self.client_bytes_out = counter("amqproxy_client_bytes_sent", "Bytes sent to clients")
-        self.upstream_bytes_in = counter(
-            "amqproxy_upstream_bytes_received", "Bytes received from the broker"
-        )
-        self.upstream_bytes_out = counter(
-            "amqproxy_upstream_bytes_sent", "Bytes sent to the broker"
+        #: (Stats field, its counter, what has been exported of it)
+        self._plain = tuple(
+            (field, counter(name, documentation), _Delta())
+            for field, name, documentation in PLAIN_COUNTERS
         )
         self.upstream_errors = counter(
             "amqproxy_upstream_errors",
@@ -243,34 +242,14 @@ class WorkerMetrics:
             buckets=CONNECT_BUCKETS,
             registry=None,
         )
-        self._plain = (
-            (self.published, _Delta()),
-            (self.delivered, _Delta()),
-            (self.upstream_channel_opens, _Delta()),
-            (self.channels_reused, _Delta()),
-            (self.client_bytes_in, _Delta()),
-            (self.client_bytes_out, _Delta()),
-            (self.upstream_bytes_in, _Delta()),
-            (self.upstream_bytes_out, _Delta()),
-        )
         self._errors = _LabelledDelta(self.upstream_errors, UPSTREAM_ERROR_REASONS)
         self._auth = _LabelledDelta(self.auth_failures, AUTH_FAILURE_CODES)
         self._disconnects = _LabelledDelta(self.client_disconnects, CLIENT_DISCONNECT_REASONS)
 
     def export(self, stats: Stats, gauges: Gauges) -> None:
         """Publish what changed since the last call (the worker calls this every 0.5-1 s)."""
-        counts = (
-            stats.published,
-            stats.delivered,
-            stats.upstream_channel_opens,
-            stats.channels_reused,
-            stats.client_bytes_in,
-            stats.client_bytes_out,
-            stats.upstream_bytes_in,
-            stats.upstream_bytes_out,
-        )
-        for (counter, delta), value in zip(self._plain, counts, strict=True):
-            amount = delta.take(value)
+        for field, counter, delta in self._plain:
+            amount = delta.take(getattr(stats, field))
             if amount:
                 counter.inc(amount)
         self._errors.export(stats.upstream_errors)
