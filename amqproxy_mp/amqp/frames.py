@@ -62,10 +62,3 @@ def method_id(payload: bytes | memoryview) -> int:
     if len(payload) < 4:
         raise FrameError(502, "SYNTAX_ERROR - method frame too short")
     return int(METHOD_ID.unpack_from(payload)[0])
-
-
-def content_body_size(payload: bytes | memoryview) -> int:
-    """The body size announced by a content header frame's payload."""
-    if len(payload) < CONTENT_HEADER.size:
-        raise FrameError(502, "SYNTAX_ERROR - content header frame too short")
-    return int(CONTENT_HEADER.unpack_from(payload)[2])

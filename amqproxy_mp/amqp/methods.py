@@ -26,7 +26,6 @@ __all__ = [
 
 # class << 16 | method, for the methods the data path recognises by id.
 CONNECTION_START: Final = 0x000A000A
-CONNECTION_START_OK: Final = 0x000A000B
 CONNECTION_TUNE: Final = 0x000A001E
 CONNECTION_TUNE_OK: Final = 0x000A001F
 CONNECTION_OPEN: Final = 0x000A0028
@@ -52,7 +51,6 @@ PUBLISH_IMMEDIATE: Final = 0x02
 BASIC_DELIVER: Final = 0x003C003C
 BASIC_GET_OK: Final = 0x003C0047
 
-CONNECTION_CLASS: Final = 10
 
 #: Methods a client may send on an open channel, besides the channel class (checked apart).
 #: Anything else (a server-only method, an unknown id) would make RabbitMQ close the whole

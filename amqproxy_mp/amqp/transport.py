@@ -133,10 +133,6 @@ class FramedProtocol(asyncio.Protocol):
             self.last_read = time.monotonic()  # silence while held is not a dead peer
             self._update_reading()
 
-    @property
-    def reading_held(self) -> bool:
-        return bool(self._read_holds)
-
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():

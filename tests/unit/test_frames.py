@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pamqp import commands
 
-from amqproxy_mp.amqp import frames, methods
+from amqproxy_mp.amqp import frames, methods, validate
 from amqproxy_mp.amqp.frames import FrameError
 
 
@@ -48,10 +48,13 @@ def test_content_header_body_size() -> None:
     from pamqp.header import ContentHeader
 
     payload = ContentHeader(0, 123456789, header).marshal()
-    assert frames.content_body_size(payload) == 123456789
+    assert validate.check_content_header(payload) == 123456789
     with pytest.raises(FrameError) as err:
-        frames.content_body_size(b"\x00\x3c")
-    assert err.value.code == 502
+        validate.check_content_header(b"\x00\x3c")
+    assert err.value.code == 501
+    with pytest.raises(FrameError) as err:  # a content header of another class
+        validate.check_content_header(b"\x00\x28" + payload[2:])
+    assert err.value.code == 505
 
 
 def test_decode_unknown_and_malformed_methods() -> None:
