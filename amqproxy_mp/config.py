@@ -117,12 +117,14 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(*, positive: bool = False, allow_minus_one: bool = False) -> Callable[[str], float]:
+def _seconds(
+    *, positive: bool = False, allow_minus_one: bool = False, minimum: float = 0.0
+) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = _finite(text)
         if allow_minus_one and value == -1:
             return -1.0
-        if value < 0 or (positive and value == 0):
+        if value < minimum or (positive and value == 0):
             raise ValueError(text)
         return value
 
@@ -432,7 +434,8 @@ OPTIONS: tuple[Option, ...] = (
         default_text="0 (the number of CPUs)",
     ),
     _opt(
-        "worker_timeout", _seconds(positive=True), _SECONDS_GT_0,
+        "worker_timeout", _seconds(minimum=1.0),
+        "a number of seconds >= 1 (workers beat every 0.5 s)",
         help="seconds a worker's event loop may be blocked before the master replaces it",
         metavar="SECONDS", yaml_types=_NUMBER,
     ),

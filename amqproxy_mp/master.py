@@ -50,7 +50,8 @@ READY_TIMEOUT: Final = 15.0
 QUICK_STOP_TIMEOUT: Final = 10.0
 #: How often the master checks that the broker accepts TCP connections (for /healthz).
 UPSTREAM_CHECK_INTERVAL: Final = 2.0
-#: A worker whose last heartbeat is older than this does not count as up in /healthz.
+#: A worker whose last heartbeat is older than this (or than half of worker_timeout, so
+#: that /healthz turns 503 before the worker is killed) does not count as up in /healthz.
 BEAT_AGE: Final = 2.0
 #: Failed starts in a row from which /healthz reports a slot as crash-looping.
 CRASH_LOOP: Final = 3
@@ -650,9 +651,10 @@ class Master:
             return False, "shutting down"
         slots = self._live_slots()
         now = time.monotonic()
+        stale = max(1.0, min(BEAT_AGE, self.config.worker_timeout / 2))
         up = [
             s for s in slots
-            if s.worker is not None and s.worker.ready and now - s.worker.last_beat < BEAT_AGE
+            if s.worker is not None and s.worker.ready and now - s.worker.last_beat < stale
         ]  # fmt: skip
         looping = [s for s in slots if s.failures >= CRASH_LOOP and s.worker is None]
         if not up:

@@ -331,6 +331,7 @@ def test_bad_environment_values(env: dict[str, str], expected: str) -> None:
         (["-p", "99999"], "listen_port = '99999' from command line (-p)", "0..65535"),
         (["--log-level", "loud"], "log_level = 'loud' from command line (--log-level)", "debug"),
         (["--client-handshake-timeout", "0"], "client_handshake_timeout = '0'", "> 0"),
+        (["--worker-timeout", "0.5"], "worker_timeout = '0.5'", ">= 1 (workers beat every"),
     ],
 )
 def test_bad_command_line_values(argv: list[str], start: str, expected: str) -> None:
