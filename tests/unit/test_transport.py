@@ -19,7 +19,9 @@ class Recorder(FramedProtocol):
     """Keeps every frame it is handed."""
 
     def __init__(self, pause_every: int = 0) -> None:
-        super().__init__(asyncio.new_event_loop())
+        loop = asyncio.new_event_loop()
+        loop.close()  # only sending uses the loop, and nothing is sent here
+        super().__init__(loop)
         self.frame_max = 131072
         self.frames: list[tuple[int, int, bytes]] = []
         self.errors: list[FrameError] = []
