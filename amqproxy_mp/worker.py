@@ -42,8 +42,9 @@ TICK: Final = 0.5
 #: Accept queue of the listening sockets; the kernel caps it at net.core.somaxconn. A
 #: connection storm (thousands of PHP workers after a deploy) must queue, not be dropped.
 LISTEN_BACKLOG: Final = 65535
-#: Fewer clients than the peak by this many: give freed memory back (see _give_memory_back).
-TRIM_AFTER_CLIENTS: Final = 1000
+#: Fewer clients and upstream channels than at the peak by this many: give freed memory back
+#: (see _give_memory_back).
+TRIM_AFTER_DROP: Final = 1000
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
@@ -162,7 +163,7 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._signals = 0
         self._quick = False
-        self._peak_clients = 0
+        self._peak_load = 0
         self._retiring = False
 
     # --- running ----------------------------------------------------------------------------
@@ -277,12 +278,13 @@ class Worker:
 
     def _give_memory_back(self) -> None:
         """After a connection storm has passed, hand the freed memory back to the system: the
-        allocator keeps it otherwise, and the worker's RSS would stay at its peak."""
-        clients = len(self.sessions)
-        self._peak_clients = max(self._peak_clients, clients)
-        if self._peak_clients - clients < TRIM_AFTER_CLIENTS:
+        allocator keeps it otherwise, and the worker's RSS would stay at its peak. Twice: when
+        the clients have left, and when the idle timeout has closed the channels they parked."""
+        load = len(self.sessions) + sum(len(c.channels) for c in self.pools.connections())
+        self._peak_load = max(self._peak_load, load)
+        if self._peak_load - load < TRIM_AFTER_DROP:
             return
-        self._peak_clients = clients
+        self._peak_load = load
         gc.collect()
         if _malloc_trim is not None:
             _malloc_trim(0)

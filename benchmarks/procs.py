@@ -40,6 +40,10 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
 
 
+#: Set in the proxies' environment only (run.py --proxy-env), e.g. PYTHONMALLOC=malloc.
+PROXY_ENV: dict[str, str] = {}
+
+
 def _spawn(args: list[str], log: Path | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     try:
@@ -96,7 +100,8 @@ class Proxy:
             self.log,
             cwd=REPO,
             # Its own metrics directory (a temporary one it removes), never a shared one.
-            env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+            env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+            | PROXY_ENV,
         )
         self._wait_ready()
 
