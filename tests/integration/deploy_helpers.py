@@ -18,32 +18,9 @@ from pathlib import Path
 
 import pika
 
-from amqproxy_mp.config import OPTIONS
-
 from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, wait_for
 
 DEPLOY = REPO_ROOT / "deploy"
-
-#: Variables that would configure the proxy or talk to a service manager: never inherited.
-_CONTROL_ENV = {
-    "JOURNAL_STREAM",
-    "PROMETHEUS_MULTIPROC_DIR",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-}
-
-
-def proxy_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The test runner's environment without anything the proxy reads as configuration."""
-    drop = {o.env for o in OPTIONS if o.env} | _CONTROL_ENV
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
 
 
 def _ephemeral_range() -> tuple[int, int]:

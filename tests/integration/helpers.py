@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ import pika.exceptions
 import psutil
 from pamqp import commands, frame, header, heartbeat
 from pamqp.common import FieldTable
+
+from amqproxy_mp.config import OPTIONS
 
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT = 5672
@@ -282,19 +284,26 @@ class DirectTarget(Target):
         self.port = BROKER_PORT
 
 
-_PROXY_ENV = {
-    "AMQP_URL",
-    "LISTEN_ADDRESS",
-    "LISTEN_PORT",
-    "HTTP_PORT",
-    "LOG_LEVEL",
-    "IDLE_CONNECTION_TIMEOUT",
-    "MAX_UPSTREAM_CHANNELS",
+#: Variables that would configure the proxy or talk to a service manager: never inherited.
+_CONTROL_ENV = {
     "JOURNAL_STREAM",
-    "WORKERS",
     "PROMETHEUS_MULTIPROC_DIR",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
 }
-_PROXY_ENV_PREFIXES = ("UPSTREAM_", "CLIENT_", "TERM_", "AMQPROXY_")
+
+
+def proxy_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The test runner's environment without anything the proxy reads as configuration."""
+    drop = {o.env for o in OPTIONS if o.env} | _CONTROL_ENV
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
 
 
 class ProxyProcess(Target):
@@ -332,17 +341,7 @@ class ProxyProcess(Target):
             self.upstream,
         ]
         # the proxy reads its configuration from the environment too: never inherit any
-        base_env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in _PROXY_ENV and not k.startswith(_PROXY_ENV_PREFIXES)
-        }
-        base_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), base_env.get("PYTHONPATH", "")) if p
-        )
-        base_env["PYTHONUNBUFFERED"] = "1"
-        base_env.update(env or {})
-        self.env = base_env
+        self.env = proxy_env(env)
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
 

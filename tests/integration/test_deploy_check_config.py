@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .deploy_helpers import DEPLOY, proxy_env
-from .helpers import REPO_ROOT
+from .deploy_helpers import DEPLOY
+from .helpers import REPO_ROOT, proxy_env
 
 
 def amqproxy(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

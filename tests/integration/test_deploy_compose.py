@@ -25,8 +25,8 @@ import yaml
 
 from amqproxy_mp.config import load_config
 
-from .deploy_helpers import DEPLOY, Daemon, free_ports, proxy_env, require_tool, substitute
-from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, wait_for
+from .deploy_helpers import DEPLOY, Daemon, free_ports, require_tool, substitute
+from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, proxy_env, wait_for
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"

@@ -26,12 +26,11 @@ from .deploy_helpers import (
     Daemon,
     free_ports,
     http_get,
-    proxy_env,
     publish_through,
     require_tool,
     temp_queue,
 )
-from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, wait_for
+from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, proxy_env, wait_for
 
 DASHBOARD = DEPLOY / "grafana" / "amqproxy.json"
 

@@ -14,7 +14,6 @@ import http.client
 import json
 import shutil
 import signal
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,12 +31,11 @@ from .deploy_helpers import (
     free_ports,
     http_get,
     port_open,
-    proxy_env,
     require_tool,
     substitute,
     temp_queue,
 )
-from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, wait_for
+from .helpers import ProxyProcess, proxy_env, wait_for
 
 PHP_DIR = DEPLOY / "php"
 SITE_CONF = DEPLOY / "nginx" / "default.conf"
@@ -49,13 +47,10 @@ FPM_CHILDREN = 8
 @dataclass
 class Stack:
     nginx_port: int
-    proxy_port: int
-    http_port: int
     queue: str
-    proxy: Daemon
+    proxy: ProxyProcess
     fpm: Daemon
     nginx: Daemon
-    workdir: Path
 
 
 def metric_values(http_port: int) -> dict[str, float]:
@@ -67,32 +62,6 @@ def metric_values(http_port: int) -> dict[str, float]:
             if not sample.labels:
                 values[sample.name] = sample.value
     return values
-
-
-def start_proxy(tmp_path: Path, port: int, http_port: int) -> Daemon:
-    proxy = Daemon(
-        [
-            sys.executable,
-            "-m",
-            "amqproxy_mp",
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--http-port",
-            str(http_port),
-            "--workers",
-            "2",
-            "--idle-connection-timeout",
-            "30",
-            f"amqp://{BROKER_HOST}:{BROKER_PORT}",
-        ],
-        tmp_path / "amqproxy.log",
-        env=proxy_env(),
-        cwd=REPO_ROOT,
-    )
-    proxy.wait_port(port, what="amqproxy")
-    return proxy
 
 
 def start_fpm(tmp_path: Path, fpm_port: int, proxy_port: int, queue: str) -> Daemon:
@@ -181,20 +150,23 @@ http {{
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    nginx_port, fpm_port, proxy_port, http_port = free_ports(4)
+    nginx_port, fpm_port = free_ports(2)
+    proxy = ProxyProcess(
+        tmp_path / "amqproxy.log", ["--workers", "2", "--idle-connection-timeout", "30"]
+    )
     daemons: list[Daemon] = []
     with temp_queue("php") as queue:
         try:
-            proxy = start_proxy(tmp_path, proxy_port, http_port)
-            daemons.append(proxy)
-            fpm = start_fpm(tmp_path, fpm_port, proxy_port, queue)
+            proxy.start()
+            fpm = start_fpm(tmp_path, fpm_port, proxy.port, queue)
             daemons.append(fpm)
             nginx = start_nginx(tmp_path, nginx_port, fpm_port)
             daemons.append(nginx)
-            yield Stack(nginx_port, proxy_port, http_port, queue, proxy, fpm, nginx, tmp_path)
+            yield Stack(nginx_port, queue, proxy, fpm, nginx)
         finally:
             for daemon in reversed(daemons):
-                daemon.stop(signal.SIGQUIT if daemon is not daemons[0] else signal.SIGTERM)
+                daemon.stop(signal.SIGQUIT)
+            proxy.stop()
             for name in ("amqproxy.log", "php-fpm.log", "php-errors.log", "nginx/error.log"):
                 path = tmp_path / name
                 if path.exists():
@@ -216,7 +188,7 @@ def request(port: int, path: str) -> tuple[int, dict[str, Any]]:
 
 
 def test_every_request_publishes_one_message_through_amqproxy(stack: Stack) -> None:
-    before = metric_values(stack.http_port)
+    before = metric_values(stack.proxy.http_port)
 
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         results = list(
@@ -247,7 +219,7 @@ def test_every_request_publishes_one_message_through_amqproxy(stack: Stack) -> N
     # RabbitMQ saw at most one connection per worker
     # (workers export their counters every second)
     def counted() -> dict[str, float]:
-        after = metric_values(stack.http_port)
+        after = metric_values(stack.proxy.http_port)
         published = after.get("amqproxy_messages_published_total", 0) - before.get(
             "amqproxy_messages_published_total", 0
         )
@@ -262,7 +234,7 @@ def test_every_request_publishes_one_message_through_amqproxy(stack: Stack) -> N
 def test_the_app_reports_503_when_amqproxy_is_down(stack: Stack) -> None:
     status, body = request(stack.nginx_port, "/?id=before")
     assert (status, body.get("published")) == (200, True), body
-    stack.proxy.stop(signal.SIGTERM)
-    assert not port_open(stack.proxy_port)
+    stack.proxy.stop()  # SIGTERM
+    assert not port_open(stack.proxy.port)
     status, body = request(stack.nginx_port, "/?id=during")
     assert status == 503 and body["published"] is False and body["error"], body

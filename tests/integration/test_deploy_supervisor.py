@@ -37,12 +37,11 @@ from .deploy_helpers import (
     free_ports,
     http_get,
     port_open,
-    proxy_env,
     publish_through,
     substitute,
     temp_queue,
 )
-from .helpers import REPO_ROOT, close_reason, wait_for
+from .helpers import REPO_ROOT, close_reason, proxy_env, wait_for
 
 PROGRAM_CONF = REPO_ROOT / "supervisor" / "amqproxy.conf"
 TERM_CLIENT_CLOSE_TIMEOUT = 2

@@ -32,10 +32,9 @@ from .deploy_helpers import (
     free_ports,
     http_get,
     port_open,
-    proxy_env,
     require_tool,
 )
-from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT
+from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, proxy_env
 
 UNIT = DEPLOY / "systemd" / "amqproxy.service"
 EXAMPLE_INI = DEPLOY / "systemd" / "amqproxy.ini"
