@@ -3,21 +3,14 @@
 // usage: php publish_loop.php HOST PORT USER PASSWORD VHOST ROUTING_KEY COUNT
 // Publishes bodies "msg-0000", "msg-0001", ... to the default exchange.
 // Prints a JSON object {"published": N} on success; exits 1 with a JSON error otherwise.
-[$_, $host, $port, $user, $password, $vhost, $routingKey, $count] = $argv;
+require __DIR__ . '/connection.php';
+
+[, , , , , , $routingKey, $count] = $argv;
 $count = (int)$count;
 $published = 0;
 try {
     for ($i = 0; $i < $count; $i++) {
-        $conn = new AMQPConnection([
-            'host' => $host,
-            'port' => (int)$port,
-            'login' => $user,
-            'password' => $password,
-            'vhost' => $vhost,
-            'connect_timeout' => 10,
-            'read_timeout' => 10,
-            'write_timeout' => 10,
-        ]);
+        $conn = amqp_connection($argv);
         $conn->connect();
         $channel = new AMQPChannel($conn);
         $exchange = new AMQPExchange($channel);
