@@ -575,6 +575,17 @@ def scenario_storm(bench: Bench) -> Row:
     return row
 
 
+def _rss_once_zero(proxy: procs.Proxy, metric: str, timeout: float) -> int:
+    """The proxy's RSS a second after its `metric` has fallen to 0 (or `timeout` passed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if proxy.metrics().get(metric, 0) == 0:
+            break
+    time.sleep(1.0)
+    return proxy.rss()
+
+
 def _storm_once(bench: Bench, proxy: procs.Proxy, n: int) -> Run:
     bench.run(loadgen.warm_up(HOST, proxy.port, bench.login, 4))
     time.sleep(1.2)
@@ -600,21 +611,9 @@ def _storm_once(bench: Bench, proxy: procs.Proxy, n: int) -> Run:
     finally:
         bench.run(loadgen.storm_close(held_clients), 120)
         held_clients.clear()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        if proxy.metrics().get("amqproxy_client_connections", 0) == 0:
-            break
-    time.sleep(1.0)
-    after = proxy.rss()
+    after = _rss_once_zero(proxy, "amqproxy_client_connections", 10)
     # The channels the clients parked stay pooled until the idle timeout closes them.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        if proxy.metrics().get("amqproxy_upstream_channels", 0) == 0:
-            break
-    time.sleep(1.0)
-    after_idle = proxy.rss()
+    after_idle = _rss_once_zero(proxy, "amqproxy_upstream_channels", 20)
     run.extra.update(
         idle_mib=idle / 2**20,
         held_mib=held / 2**20,
