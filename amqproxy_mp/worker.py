@@ -16,7 +16,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import uvloop
@@ -110,7 +110,7 @@ class Worker:
         self,
         config: Config,
         sockets: list[socket.socket],
-        tls_sockets: list[socket.socket] = (),  # type: ignore[assignment]
+        tls_sockets: Sequence[socket.socket] = (),
         slot: int = 0,
         beat_fd: int | None = None,
         metrics_dir: str | None = None,
