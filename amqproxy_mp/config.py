@@ -54,6 +54,7 @@ class Config:
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
     http_port: int = 15673
+    http_address: str = "localhost"
     log_level: str = "info"
     idle_connection_timeout: float = 5.0
     max_upstream_channels: int = 0
@@ -63,6 +64,7 @@ class Config:
     term_client_close_timeout: float = 0.0
     term_timeout: float = -1.0
     retire_client_close_timeout: float = 5.0
+    close_policy: str = "processed"
     client_heartbeat: int = 60
     upstream_heartbeat: int = 60
     client_handshake_timeout: float = 10.0
@@ -150,6 +152,16 @@ def _log_level(text: str) -> str:
 
 _BOOLS = {"true": True, "yes": True, "1": True, "on": True}
 _BOOLS.update({"false": False, "no": False, "0": False, "off": False})
+
+
+_CLOSE_POLICIES = ("processed", "local")
+
+
+def _close_policy(text: str) -> str:
+    value = text.strip().lower()
+    if value not in _CLOSE_POLICIES:
+        raise ValueError(text)
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -321,6 +333,12 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PORT", flags=("-b", "--http-port"), yaml_types=(int,),
     ),
     _opt(
+        "http_address", _host, "a host name or IP address",
+        help="address the HTTP /healthz, /metrics and /pools listener binds to; /pools names "
+        "users and vhosts, so expose it beyond loopback only where that is wanted",
+        metavar="ADDRESS", flags=("--http-address",),
+    ),
+    _opt(
         "log_level", _log_level, "one of debug, info, warning (warn), error, critical (fatal)",
         help="log verbosity; -d/--debug is short for --log-level debug", metavar="LEVEL",
         switch=("-d", "--debug"), switch_value="debug",
@@ -368,6 +386,14 @@ OPTIONS: tuple[Option, ...] = (
         help="on HUP and TTOU, seconds a retiring worker waits for its clients to close before "
         "closing them (at least term_client_close_timeout)", metavar="SECONDS",
         yaml_types=_NUMBER,
+    ),
+    _opt(
+        "close_policy", _close_policy, "processed or local",
+        help="when a client's Channel.Close or Connection.Close is answered: processed, once "
+        "the broker has processed the client's publishes on that channel (one round trip, only "
+        "on channels that published since their last reply; the client sees errors and order "
+        "as directly); local, at once (fastest; a late error is not reported, and sequential "
+        "connections on different workers may reorder)", metavar="POLICY",
     ),
     _opt(
         "client_heartbeat", _int_in(0, 65535), "an integer 0..65535 (0: no heartbeats)",

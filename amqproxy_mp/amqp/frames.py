@@ -35,12 +35,46 @@ HEARTBEAT_FRAME: Final = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 
 
 class FrameError(Exception):
-    """The peer sent bytes that are not a valid frame; `code` is the AMQP reply code."""
+    """The peer sent something the broker would refuse on the whole connection: `code`,
+    `text`, `class_id` and `method_id` are the broker's Connection.Close; code 0 means the
+    broker would drop the socket without one."""
 
-    def __init__(self, code: int, text: str) -> None:
+    def __init__(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
+        self.class_id = class_id
+        self.method_id = method_id
+
+
+def amqp_error_text(text: str) -> str:
+    """A reply text cut as RabbitMQ cuts it: 252 bytes and "..." when over 255."""
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) <= 255:
+        return text
+    return raw[:252].decode("utf-8", "ignore") + "..."
+
+
+_PRINTABLE_ESCAPES: Final = {
+    0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x0B: "\\v", 0x08: "\\b", 0x0C: "\\f",
+    0x1B: "\\e", 0x22: '\\"', 0x5C: "\\\\",
+}  # fmt: skip
+
+
+def erlang_binary_p(data: bytes | memoryview) -> str:
+    """A binary as Erlang's ``~p`` prints it: as a string when it is printable Latin-1."""
+    raw = bytes(data)
+    if raw and all(32 <= b <= 126 or b >= 160 or b in _PRINTABLE_ESCAPES for b in raw):
+        text = "".join(_PRINTABLE_ESCAPES.get(b, chr(b)) for b in raw)
+        return f'<<"{text}">>'
+    return "<<" + ",".join(map(str, raw)) + ">>"
+
+
+def frame_snippet(frame_type: int, payload: bytes | memoryview) -> str:
+    """How RabbitMQ's reader quotes a frame in its FRAME_ERROR and UNEXPECTED_FRAME texts."""
+    if len(payload) <= 16:
+        return f"type {frame_type}, all octets = {erlang_binary_p(payload)}"
+    return f"type {frame_type}, first 16 octets = {erlang_binary_p(payload[:16])}"
 
 
 def frame(frame_type: int, channel: int, payload: bytes | memoryview) -> bytes:
@@ -60,5 +94,7 @@ def body_frames(channel: int, body: bytes | memoryview, frame_max: int) -> list[
 def method_id(payload: bytes | memoryview) -> int:
     """The combined class/method id (class << 16 | method) of a method frame's payload."""
     if len(payload) < 4:
-        raise FrameError(502, "SYNTAX_ERROR - method frame too short")
+        raise FrameError(
+            501, amqp_error_text(f"FRAME_ERROR - {frame_snippet(METHOD, payload)}: unknown_frame")
+        )
     return int(METHOD_ID.unpack_from(payload)[0])

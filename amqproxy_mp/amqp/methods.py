@@ -1,86 +1,110 @@
-"""The few AMQP methods the proxy decodes or originates, through pamqp.
+"""The AMQP methods the proxy recognises, decodes or originates.
 
-Everything else crosses the proxy as opaque bytes; methods are re-encoded only
-when the proxy itself is the speaker (handshakes, closes, heartbeats).
+Method ids come from pamqp's definitions; everything else crosses the proxy as opaque
+bytes. Methods are encoded (with pamqp) only when the proxy itself is the speaker:
+handshakes, closes, heartbeats. Frames from clients are read with `validate`, which reads
+them as the broker does; frames from the broker are decoded with pamqp.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any, Final
+from typing import Final
 
-from pamqp import commands, decode
+from pamqp import commands
 from pamqp import frame as pamqp_frame
 from pamqp.base import Frame as Method
 
-from amqproxy_mp.amqp.frames import METHOD_ID, FrameError
-from amqproxy_mp.amqp.validate import check_method
+from amqproxy_mp.amqp.frames import METHOD_ID, FrameError, amqp_error_text, frame
+from amqproxy_mp.amqp.validate import check_table, method_arguments, table_entries
 
 __all__ = [
+    "FrameError",
     "Method",
+    "client_capabilities",
+    "close_frame",
     "commands",
-    "decode_method",
+    "decode_broker_method",
     "encode_method",
+    "method_arguments",
     "parse_sasl_response",
 ]
 
-# class << 16 | method, for the methods the data path recognises by id.
-CONNECTION_START: Final = 0x000A000A
-CONNECTION_TUNE: Final = 0x000A001E
-CONNECTION_TUNE_OK: Final = 0x000A001F
-CONNECTION_OPEN: Final = 0x000A0028
-CONNECTION_OPEN_OK: Final = 0x000A0029
-CONNECTION_CLOSE: Final = 0x000A0032
-CONNECTION_CLOSE_OK: Final = 0x000A0033
-CONNECTION_BLOCKED: Final = 0x000A003C
-CONNECTION_UNBLOCKED: Final = 0x000A003D
-CONNECTION_UPDATE_SECRET: Final = 0x000A0046
-CHANNEL_OPEN: Final = 0x0014000A
-CHANNEL_OPEN_OK: Final = 0x0014000B
-CHANNEL_FLOW: Final = 0x00140014
-CHANNEL_FLOW_OK: Final = 0x00140015
-CHANNEL_CLOSE: Final = 0x00140028
-CHANNEL_CLOSE_OK: Final = 0x00140029
-EXCHANGE_DECLARE_OK: Final = 0x0028000B
-BASIC_QOS_OK: Final = 0x003C000B
-QUEUE_DECLARE: Final = 0x0032000A
-QUEUE_DECLARE_OK: Final = 0x0032000B
-BASIC_PUBLISH: Final = 0x003C0028
+C, B = commands.Connection, commands.Basic
+
+CONNECTION_START: Final = C.Start.index
+CONNECTION_START_OK: Final = C.StartOk.index
+CONNECTION_TUNE: Final = C.Tune.index
+CONNECTION_TUNE_OK: Final = C.TuneOk.index
+CONNECTION_OPEN: Final = C.Open.index
+CONNECTION_OPEN_OK: Final = C.OpenOk.index
+CONNECTION_CLOSE: Final = C.Close.index
+CONNECTION_CLOSE_OK: Final = C.CloseOk.index
+CONNECTION_BLOCKED: Final = C.Blocked.index
+CONNECTION_UNBLOCKED: Final = C.Unblocked.index
+CONNECTION_UPDATE_SECRET: Final = C.UpdateSecret.index
+CHANNEL_OPEN: Final = commands.Channel.Open.index
+CHANNEL_OPEN_OK: Final = commands.Channel.OpenOk.index
+CHANNEL_FLOW: Final = commands.Channel.Flow.index
+CHANNEL_CLOSE: Final = commands.Channel.Close.index
+CHANNEL_CLOSE_OK: Final = commands.Channel.CloseOk.index
+EXCHANGE_DECLARE: Final = commands.Exchange.Declare.index
+QUEUE_DECLARE: Final = commands.Queue.Declare.index
+QUEUE_DECLARE_OK: Final = commands.Queue.DeclareOk.index
+BASIC_QOS: Final = B.Qos.index
+BASIC_QOS_OK: Final = B.QosOk.index
+BASIC_CONSUME: Final = B.Consume.index
+BASIC_CONSUME_OK: Final = B.ConsumeOk.index
+BASIC_CANCEL: Final = B.Cancel.index
+BASIC_CANCEL_OK: Final = B.CancelOk.index
+BASIC_PUBLISH: Final = B.Publish.index
+BASIC_RETURN: Final = B.Return.index
+BASIC_DELIVER: Final = B.Deliver.index
+BASIC_GET: Final = B.Get.index
+BASIC_GET_OK: Final = B.GetOk.index
+BASIC_ACK: Final = B.Ack.index
+BASIC_RECOVER: Final = B.Recover.index
+BASIC_RECOVER_ASYNC: Final = B.RecoverAsync.index
 #: Basic.Publish's flags octet: bit 1 is `immediate`, which RabbitMQ does not implement.
 PUBLISH_IMMEDIATE: Final = 0x02
-BASIC_DELIVER: Final = 0x003C003C
-BASIC_GET_OK: Final = 0x003C0047
-
 
 #: Methods a client may send on an open channel, besides the channel class (checked apart).
 #: Anything else (a server-only method, an unknown id) would make RabbitMQ close the whole
-#: upstream connection with 503/540, so it never leaves the proxy.
+#: upstream connection, so it never leaves the proxy.
 CLIENT_CHANNEL_METHODS: Final = frozenset(
-    index
+    method.index
+    for method in (
+        commands.Exchange.Declare, commands.Exchange.Delete, commands.Exchange.Bind,
+        commands.Exchange.Unbind, commands.Queue.Declare, commands.Queue.Bind,
+        commands.Queue.Purge, commands.Queue.Delete, commands.Queue.Unbind, B.Qos,
+        B.Consume, B.Cancel, B.Publish, B.Get, B.Ack, B.Reject, B.RecoverAsync, B.Recover,
+        B.Nack, commands.Confirm.Select, commands.Tx.Select, commands.Tx.Commit,
+        commands.Tx.Rollback,
+    )
+)  # fmt: skip
+
+#: Every broker method that answers a client's synchronous request on a channel. Replies come
+#: in the order of their requests, which is how the proxy knows what the broker has processed.
+#: (Channel.CloseOk is not among them: it ends the channel, see `channels`.)
+_INDEX_BY_NAME: Final = {m.name: i for i, m in commands.INDEX_MAPPING.items()}  # type: ignore[attr-defined]
+REPLIES: Final = frozenset(
+    _INDEX_BY_NAME[name]
     for index, method in commands.INDEX_MAPPING.items()
-    if method.name  # type: ignore[attr-defined]
-    in {
-        "Exchange.Declare", "Exchange.Delete", "Exchange.Bind", "Exchange.Unbind",
-        "Queue.Declare", "Queue.Bind", "Queue.Purge", "Queue.Delete", "Queue.Unbind",
-        "Basic.Qos", "Basic.Consume", "Basic.Cancel", "Basic.Publish", "Basic.Get",
-        "Basic.Ack", "Basic.Reject", "Basic.RecoverAsync", "Basic.Recover", "Basic.Nack",
-        "Confirm.Select", "Tx.Select", "Tx.Commit", "Tx.Rollback",
-    }
-)  # fmt: skip
+    if index >> 16 != 10
+    for name in getattr(method, "valid_responses", ())
+    if name != "Channel.CloseOk"
+)
 
-
-#: Channel-class methods a client may send (their arguments are checked too).
-CLIENT_CHANNEL_CLASS_METHODS: Final = frozenset((0x00140028, 0x00140029, 0x00140014))
-
-#: Methods that name a queue whose exclusivity the proxy enforces among its clients.
-QUEUE_ACCESS: Final = (
-    commands.Queue.Declare, commands.Queue.Bind, commands.Queue.Unbind, commands.Queue.Purge,
-    commands.Queue.Delete, commands.Basic.Consume, commands.Basic.Get,
-)  # fmt: skip
+#: For each request, the methods that answer it.
+ANSWERS: Final = {
+    index: frozenset(_INDEX_BY_NAME[name] for name in method.valid_responses)  # type: ignore[attr-defined]
+    for index, method in commands.INDEX_MAPPING.items()
+    if getattr(method, "valid_responses", None)
+}
 
 #: Basic.Ack, Basic.Nack, Basic.Reject: the hottest client methods, checked by size only
 #: (method id, a 64-bit delivery tag, one octet of flags).
-DELIVERY_ACKS: Final = frozenset((0x003C0050, 0x003C0078, 0x003C005A))
+DELIVERY_ACKS: Final = frozenset((B.Ack.index, B.Nack.index, B.Reject.index))
 DELIVERY_ACK_SIZE: Final = 4 + 8 + 1
 
 
@@ -91,39 +115,29 @@ def method_name(index: int) -> str:
     return str(method.name)  # type: ignore[attr-defined]
 
 
-# AMQP reply codes the proxy itself sends.
+# AMQP reply codes.
 REPLY_SUCCESS: Final = 200
 CONNECTION_FORCED: Final = 320
 ACCESS_REFUSED: Final = 403
-NOT_ALLOWED: Final = 530
+NOT_FOUND: Final = 404
+RESOURCE_LOCKED: Final = 405
+PRECONDITION_FAILED: Final = 406
 FRAME_ERROR: Final = 501
 SYNTAX_ERROR: Final = 502
 COMMAND_INVALID: Final = 503
 CHANNEL_ERROR: Final = 504
 UNEXPECTED_FRAME: Final = 505
+RESOURCE_ERROR: Final = 506
+NOT_ALLOWED: Final = 530
 NOT_IMPLEMENTED: Final = 540
 INTERNAL_ERROR: Final = 541
-PRECONDITION_FAILED: Final = 406
-RESOURCE_LOCKED: Final = 405
-RESOURCE_ERROR: Final = 506
 
 
-def decode_method(payload: bytes | memoryview) -> Method:
-    """Decode a method frame's payload; a malformed one is the peer's syntax error."""
-    if len(payload) < 4:
-        raise FrameError(SYNTAX_ERROR, "SYNTAX_ERROR - method frame too short")
+def decode_broker_method(payload: bytes | memoryview) -> Method:
+    """Decode a method the broker sent (trusted to be well-formed)."""
     index = METHOD_ID.unpack_from(payload)[0]
-    try:
-        method: Method = commands.INDEX_MAPPING[index]()
-    except KeyError:
-        raise FrameError(
-            COMMAND_INVALID, f"COMMAND_INVALID - unknown method {index >> 16}.{index & 0xFFFF}"
-        ) from None
-    check_method(index, payload)
-    try:
-        method.unmarshal(bytes(payload[4:]))
-    except (struct.error, ValueError, TypeError, IndexError) as exc:
-        raise FrameError(SYNTAX_ERROR, f"SYNTAX_ERROR - malformed {method.name}: {exc}") from None
+    method: Method = commands.INDEX_MAPPING[index]()
+    method.unmarshal(bytes(payload[4:]))
     return method
 
 
@@ -132,29 +146,60 @@ def encode_method(channel: int, method: Method) -> bytes:
     return bytes(pamqp_frame.marshal(method, channel))
 
 
-def parse_sasl_response(mechanism: str, response: str | bytes) -> tuple[str, str]:
+def close_frame(channel: int, code: int, text: str, class_id: int = 0, method_id: int = 0) -> bytes:
+    """Connection.Close (channel 0) or Channel.Close, with any reply text (cut as RabbitMQ
+    cuts it; bytes that were not UTF-8 in a name the text quotes go out as they came)."""
+    raw = amqp_error_text(text).encode("utf-8", "surrogateescape")
+    index = CONNECTION_CLOSE if channel == 0 else CHANNEL_CLOSE
+    payload = struct.pack(">IHB", index, code, len(raw)) + raw
+    payload += struct.pack(">HH", class_id, method_id)
+    return frame(1, channel, payload)
+
+
+def client_capabilities(start_ok_arguments: list[object], payload: bytes | memoryview) -> set[str]:
+    """The capabilities a client announced as true in Connection.StartOk's client_properties."""
+    properties = start_ok_arguments[0]
+    assert isinstance(properties, tuple)
+    start, end = properties
+    for key, tag, value_start, value_end in table_entries(payload, start, end):
+        if key == b"capabilities" and tag == ord("F"):
+            return {
+                name.decode("utf-8", "replace")
+                for name, ctag, at, _ in table_entries(payload, value_start + 4, value_end)
+                if ctag == ord("t") and payload[at]
+            }
+    return set()
+
+
+def parse_sasl_response(mechanism: str, response: bytes) -> tuple[str, str]:
     """Extract (user, password) from a PLAIN or AMQPLAIN StartOk response.
 
-    Raises ValueError with a client-facing reason when the response is unusable.
+    Raises ValueError with a client-facing reason when the response is unusable. Nothing is
+    allocated in proportion to a length the client claims: every length was checked against
+    the bytes that arrived.
     """
-    raw = response.encode("utf-8") if isinstance(response, str) else bytes(response)
     if mechanism == "PLAIN":
-        parts = raw.split(b"\x00")
+        parts = response.split(b"\x00")
         if len(parts) != 3:
             raise ValueError("malformed PLAIN response")
         user, password = parts[1], parts[2]
     elif mechanism == "AMQPLAIN":
-        # AMQPLAIN is a field table without its 4-byte length prefix.
-        table: dict[str, Any]
+        # AMQPLAIN is a field table without its 4-byte length prefix; LOGIN and PASSWORD must
+        # be long strings (type S), as RabbitMQ reads them.
         try:
-            _, table = decode.field_table(struct.pack(">I", len(raw)) + raw)
-        except (ValueError, struct.error) as exc:
-            raise ValueError(f"malformed AMQPLAIN response: {exc}") from None
-        login, secret = table.get("LOGIN"), table.get("PASSWORD")
-        if login is None or secret is None:
+            check_table(response, 0, len(response))
+        except Exception:
+            raise ValueError("malformed AMQPLAIN response") from None
+        fields = {key: (tag, a, b) for key, tag, a, b in table_entries(response, 0, len(response))}
+        if b"LOGIN" not in fields or b"PASSWORD" not in fields:
             raise ValueError("AMQPLAIN response lacks LOGIN or PASSWORD")
-        user = login.encode() if isinstance(login, str) else bytes(login)
-        password = secret.encode() if isinstance(secret, str) else bytes(secret)
+        values = []
+        for key in (b"LOGIN", b"PASSWORD"):
+            tag, start, end = fields[key]
+            if tag != ord("S"):
+                raise ValueError(f"AMQPLAIN {key.decode()} is not a long string (type S)")
+            values.append(response[start + 4 : end])
+        user, password = values
     else:
         raise ValueError(f"unsupported mechanism {mechanism!r}")
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Final
+from typing import Any, Final
 
 from amqproxy_mp.amqp.frames import (
     FRAME_END,
@@ -20,6 +20,8 @@ from amqproxy_mp.amqp.frames import (
     MIN_FRAME_MAX,
     OVERHEAD,
     FrameError,
+    amqp_error_text,
+    frame_snippet,
 )
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ class FramedProtocol(asyncio.Protocol):
         #: While True, received bytes are kept but not parsed (an async step is under way).
         self._parsing_paused = False
         #: Upstream connections whose broker is not reading: this peer is not read either.
-        self._read_holds: set[int] = set()
+        self._read_holds: set[Any] = set()
         self.closed = False
 
     # --- asyncio.Protocol -------------------------------------------------------------
@@ -64,7 +66,9 @@ class FramedProtocol(asyncio.Protocol):
     def _parse(self) -> None:
         buf = self._buf
         pos = 0
-        size_limit = self.frame_max - OVERHEAD
+        # RabbitMQ lets a payload reach frame_max itself (not frame_max - 8): "quite a few
+        # clients get it wrong"
+        size_limit = self.frame_max
         view = memoryview(buf)
         try:
             end_of_data = len(buf)
@@ -73,13 +77,20 @@ class FramedProtocol(asyncio.Protocol):
                 if size > size_limit:
                     raise FrameError(
                         501,
-                        f"FRAME_ERROR - frame of {size} bytes exceeds frame_max {self.frame_max}",
+                        f"FRAME_ERROR - {frame_snippet(frame_type, b'')}: "
+                        f"{{frame_too_large,{size},{self.frame_max - OVERHEAD}}}",
                     )
                 end = pos + HEADER_SIZE + size
                 if end >= end_of_data:
                     break
                 if buf[end] != FRAME_END:
-                    raise FrameError(501, "FRAME_ERROR - frame-end octet missing")
+                    snippet = frame_snippet(frame_type, view[pos + HEADER_SIZE : end])
+                    raise FrameError(
+                        501,
+                        amqp_error_text(
+                            f"FRAME_ERROR - {snippet}: {{invalid_frame_end_marker,{buf[end]}}}"
+                        ),
+                    )
                 self.frame_received(frame_type, channel, view[pos + HEADER_SIZE : end])
                 pos = end + 1
                 if self._parsing_paused:
@@ -124,12 +135,12 @@ class FramedProtocol(asyncio.Protocol):
 
     def hold_reading(self, holder: object) -> None:
         """Stop reading from this peer while `holder` (a blocked upstream) says so."""
-        self._read_holds.add(id(holder))
+        self._read_holds.add(holder)
         self._update_reading()
 
     def release_reading(self, holder: object) -> None:
-        if id(holder) in self._read_holds:
-            self._read_holds.discard(id(holder))
+        if holder in self._read_holds:
+            self._read_holds.discard(holder)
             self.last_read = time.monotonic()  # silence while held is not a dead peer
             self._update_reading()
 

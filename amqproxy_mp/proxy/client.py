@@ -2,21 +2,24 @@
 
 The session answers the handshake itself, authenticates the client through its
 pool (an upstream connection for exactly its credentials) before Connection.OpenOk,
-maps each client channel onto a shared upstream channel, and validates what the
-client sends so that nothing it does can make the broker close a connection that
-other clients share.
+maps each client channel onto a shared upstream channel, and checks what the client
+sends so that nothing it does can make the broker close a connection that other
+clients share. Where the broker would close the connection, the client alone gets
+the broker's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from amqproxy_mp.amqp import methods as m
 from amqproxy_mp.amqp.frames import (
     BODY,
+    CONTENT_HEADER,
     HEADER,
     HEARTBEAT,
     METHOD,
@@ -24,21 +27,22 @@ from amqproxy_mp.amqp.frames import (
     OVERHEAD,
     PROTOCOL_HEADER,
     FrameError,
+    amqp_error_text,
     body_frames,
     frame,
+    frame_snippet,
     method_id,
 )
-from amqproxy_mp.amqp.methods import commands
 from amqproxy_mp.amqp.transport import DEFAULT_FRAME_MAX, FramedProtocol
-from amqproxy_mp.amqp.validate import check_content_header, check_method
+from amqproxy_mp.amqp.validate import DROP, check_content_header
 from amqproxy_mp.proxy.channels import (
-    BROKER_CLOSED,
-    CLIENT_CLOSING,
+    CHANNEL_CLOSE_OK_PAYLOAD,
     HEADER_EXPECTED,
     NO_CONTENT,
-    NO_PREFETCH,
-    OPEN,
+    WEDGED,
     ChannelLink,
+    Request,
+    Up,
 )
 from amqproxy_mp.proxy.upstream import UpstreamError
 
@@ -51,49 +55,113 @@ log = logging.getLogger(__name__)
 
 CHANNEL_MAX: Final = 2047
 CHANNEL_OPEN_OK_PAYLOAD: Final = b"\x00\x14\x00\x0b\x00\x00\x00\x00"
-CHANNEL_CLOSE_OK_PAYLOAD: Final = b"\x00\x14\x00\x29"
-# Queue.Declare bookkeeping (ChannelLink.declares): is the queue exclusive, and did the client
-# ask for the DeclareOk?
-NOT_EXCLUSIVE, EXCLUSIVE, EXCLUSIVE_UNASKED = range(3)
-#: Queue.Declare's flags octet: after the method id, ticket and the queue name's length octet.
-NOWAIT_OFFSET: Final = 4 + 2 + 1
-NOWAIT_BIT: Final = 0x10
 # Constant frames of the handshake, encoded once.
-CONNECTION_OPEN_OK: Final = m.encode_method(0, commands.Connection.OpenOk())
-CONNECTION_CLOSE_OK: Final = m.encode_method(0, commands.Connection.CloseOk())
+CONNECTION_OPEN_OK: Final = m.encode_method(0, m.commands.Connection.OpenOk())
+CONNECTION_CLOSE_OK: Final = m.encode_method(0, m.commands.Connection.CloseOk())
+CONNECTION_UPDATE_SECRET_OK: Final = m.encode_method(0, m.commands.Connection.UpdateSecretOk())
 BASIC_QOS_OK_PAYLOAD: Final = b"\x00\x3c\x00\x0b"
 #: How long a client gets to answer our Connection.Close before its socket is closed.
 CLOSE_OK_TIMEOUT: Final = 5.0
+#: Where Queue.Declare's and Basic.Consume's flags octet starts after the queue name (method
+#: id, ticket, the queue name's length octet), and Basic.Consume's after its tag as well.
+NOWAIT_BIT: Final = 0x10
+#: The argument that names a queue, in every method that names one (for exclusivity).
+QUEUE_METHODS: Final = frozenset(
+    method.index
+    for method in (
+        m.commands.Queue.Declare, m.commands.Queue.Bind, m.commands.Queue.Unbind,
+        m.commands.Queue.Purge, m.commands.Queue.Delete, m.commands.Basic.Consume,
+        m.commands.Basic.Get,
+    )
+)  # fmt: skip
+#: Position of `nowait` among each method's arguments, where it has one.
+NOWAIT_ARGUMENT: Final = {
+    index: method.__slots__.index("nowait")  # type: ignore[attr-defined]
+    for index, method in m.commands.INDEX_MAPPING.items()
+    if "nowait" in method.__slots__  # type: ignore[attr-defined]
+}
+#: Client methods the broker answers (unless nowait).
+SYNCHRONOUS: Final = frozenset(
+    index
+    for index, method in m.commands.INDEX_MAPPING.items()
+    if method.synchronous  # type: ignore[attr-defined]
+)
 
-# Session states.
-AWAIT_HEADER, AWAIT_START_OK, AWAIT_TUNE_OK, AWAIT_OPEN, OPENING, ACTIVE, CLOSING, CLOSED = range(8)
+
+def refuse_method(mid: int) -> NoReturn:
+    """A method no client may send here: RabbitMQ's answer (a method id it does not know
+    crashes its parser, which drops the socket)."""
+    if mid not in m.commands.INDEX_MAPPING:
+        raise FrameError(DROP, f"unknown method {mid >> 16}.{mid & 0xFFFF}")
+    raise FrameError(
+        m.COMMAND_INVALID, "COMMAND_INVALID - unimplemented method", mid >> 16, mid & 0xFFFF
+    )
+
+
+def _content_expected(expected: int) -> tuple[str, int, int]:
+    """RabbitMQ's text, class and method for a frame out of order with a message's content."""
+    if expected == NO_CONTENT:
+        return "UNEXPECTED_FRAME - expected method frame, got non method frame instead", 0, 0
+    if expected == HEADER_EXPECTED:
+        text = "expected content header for class 60, got non content header frame instead"
+    else:
+        text = "expected content body, got non content body frame instead"
+    return f"UNEXPECTED_FRAME - {text}", 60, 40
+
+
+class Phase(enum.Enum):
+    """Where a client connection is in its life."""
+
+    HEADER = "awaiting the protocol header"
+    START_OK = "awaiting Connection.StartOk"
+    TUNE_OK = "awaiting Connection.TuneOk"
+    OPEN = "awaiting Connection.Open"
+    OPENING = "authenticating"
+    ACTIVE = "open"
+    #: The client sent Connection.Close; its CloseOk waits for the broker (close_policy).
+    CLIENT_CLOSING = "closing at the client's request"
+    #: The proxy sent Connection.Close and awaits the client's CloseOk.
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+#: Before these, nothing has been tuned: a protocol error just closes the socket.
+BEFORE_TUNE: Final = frozenset((Phase.HEADER, Phase.START_OK))
+HANDSHAKE: Final = frozenset((Phase.HEADER, Phase.START_OK, Phase.TUNE_OK, Phase.OPEN))
+ENDING: Final = frozenset((Phase.CLIENT_CLOSING, Phase.CLOSING, Phase.CLOSED))
 
 
 class ClientSession(FramedProtocol):
     def __init__(self, worker: Worker) -> None:
         super().__init__(worker.loop)
         self.worker = worker
-        self.state = AWAIT_HEADER
+        self.phase = Phase.HEADER
         self.peer = "?"
         self.connected_at = time.monotonic()
         self.user = ""
         self.vhost = ""
         self._password = ""
-        self.capabilities: dict[str, Any] = {}
+        self.capabilities: set[str] = set()
         self.pool: Pool | None = None
         self.channels: dict[int, ChannelLink] = {}
+        #: The upstream connection this client's channels go to, so that they share its
+        #: exclusive queues (set by its first channel).
+        self.home: UpstreamConnection | None = None
         self.channel_max = CHANNEL_MAX
         self.frame_max = DEFAULT_FRAME_MAX
         #: Upstream connections that told us they block publishers.
-        self._blocked_by: set[int] = set()
+        self._blocked_by: set[UpstreamConnection] = set()
         #: Exclusive queues this client declared, per upstream connection that owns them.
         self.exclusive_queues: dict[UpstreamConnection, set[str]] = {}
+        #: Channels whose close must be answered by the broker before Connection.CloseOk.
+        self._closes_pending = 0
         self._close_reason = ""
         #: The reason label for the disconnect metric.
         self._close_kind = ""
         self.stats = worker.stats
         self.max_buffer = worker.config.client_max_buffer
         self.max_message_size = worker.config.max_message_size
+        self.wait_for_broker = worker.config.close_policy == "processed"
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- connection lifecycle -------------------------------------------------------------
@@ -111,9 +179,12 @@ class ClientSession(FramedProtocol):
         if not self._close_reason:
             self._close_reason = f"connection lost: {exc}" if exc else "client closed the socket"
         self.stats.client_disconnects[self._close_kind or "socket_closed"] += 1
-        self.state = CLOSED
+        self.phase = Phase.CLOSED
         self.closed = True
         self._release_channels()
+        for upstream in self._blocked_by | self._read_holds:
+            upstream.forget(self)
+        self._blocked_by.clear()
         for task in self._tasks:
             task.cancel()
         self.worker.sessions.discard(self)
@@ -158,7 +229,7 @@ class ClientSession(FramedProtocol):
         self.stats.client_bytes_out += size
 
     def data_received(self, data: bytes) -> None:
-        if self.state != AWAIT_HEADER:
+        if self.phase is not Phase.HEADER:
             super().data_received(data)
             return
         self.count_received(len(data))
@@ -167,13 +238,13 @@ class ClientSession(FramedProtocol):
         if got != PROTOCOL_HEADER[: len(got)]:
             self._ending("protocol_error", f"bad protocol header {got!r}")
             self.send(PROTOCOL_HEADER)
-            self.state = CLOSED
+            self.phase = Phase.CLOSED
             self.close_transport()
             return
         if len(got) < 8:
             return
         del self._buf[:8]
-        self.state = AWAIT_START_OK
+        self.phase = Phase.START_OK
         self.frame_max = MIN_FRAME_MAX  # until Tune
         self.send(self.worker.connection_start)
         super().data_received(b"")
@@ -188,12 +259,12 @@ class ClientSession(FramedProtocol):
         kind: str = "upstream_closed",
     ) -> None:
         """Send Connection.Close to the client, give its channels back, await CloseOk."""
-        if self.state in (CLOSING, CLOSED):
+        if self.phase is Phase.CLOSING or self.phase is Phase.CLOSED:
             return
         self._ending(kind, f"closed by proxy: {code} {text}")
         self._release_channels()
-        self.send(m.encode_method(0, commands.Connection.Close(code, text, class_id, method_id)))
-        self.state = CLOSING
+        self.send(m.close_frame(0, code, text, class_id, method_id))
+        self.phase = Phase.CLOSING
         if self._parsing_paused:
             self.resume_parsing()
         if close_ok_timeout is not None:
@@ -209,20 +280,24 @@ class ClientSession(FramedProtocol):
             self.transport.abort()
 
     def protocol_error(self, exc: FrameError) -> None:
-        if self.state == CLOSING:
+        if self.phase in ENDING:
             # Already closing: the rest of what it sent is discarded. Closing the socket now,
             # with unread bytes, would reset it and could destroy our Connection.Close.
             return
         log.warning("client %s (user=%r) protocol error: %s", self.peer, self.user, exc.text)
-        if self.state < AWAIT_TUNE_OK:
+        if self.phase in BEFORE_TUNE or exc.code == DROP:
+            # as the broker: no Connection.Close before Tune, none when its parser crashes
             self._ending("protocol_error", f"protocol error: {exc.text}")
-            self.state = CLOSED
+            self._release_channels()
+            self.phase = Phase.CLOSED
             self.close_transport()
         else:
-            self.close_with(exc.code, exc.text, kind="protocol_error")
+            self.close_with(exc.code, exc.text, exc.class_id, exc.method_id, kind="protocol_error")
 
     def check_heartbeat(self, now: float, handshake_timeout: float) -> None:
-        if self.state < OPENING and now - self.connected_at > handshake_timeout:
+        if (self.phase in HANDSHAKE or self.phase is Phase.OPENING) and (
+            now - self.connected_at > handshake_timeout
+        ):
             self._ending(
                 "handshake_timeout", f"handshake not completed within {handshake_timeout:g} s"
             )
@@ -234,22 +309,35 @@ class ClientSession(FramedProtocol):
     # --- frames from the client -----------------------------------------------------------
 
     def frame_received(self, frame_type: int, channel: int, payload: memoryview) -> None:
-        if self.state == ACTIVE and channel:
-            link = self.channels.get(channel)
-            if link is not None and link.state == OPEN:
-                self._forward(link, frame_type, payload)
-            else:
-                self._channel_not_open(frame_type, channel, payload, link)
-        elif frame_type == METHOD:
-            if channel:
-                self._channel_not_open(frame_type, channel, payload, None)
-            else:
+        if METHOD <= frame_type <= BODY:  # (1, 2, 3)
+            if channel and self.phase is Phase.ACTIVE:
+                link = self.channels.get(channel)
+                if link is not None and link.client_open:
+                    self._forward(link, frame_type, payload)
+                else:
+                    self._channel_not_open(frame_type, channel, payload, link)
+                return
+            if frame_type == METHOD and not channel:
                 self._connection_method(payload)
+                return
+            if frame_type == HEADER and len(payload) < CONTENT_HEADER.size:
+                check_content_header(payload)  # too short to be one: RabbitMQ's FRAME_ERROR
+        elif frame_type == HEARTBEAT and not channel:
+            return
         elif frame_type != HEARTBEAT:
             raise FrameError(
-                m.UNEXPECTED_FRAME,
-                f"UNEXPECTED_FRAME - frame type {frame_type} on channel {channel}",
+                m.FRAME_ERROR,
+                amqp_error_text(
+                    f"FRAME_ERROR - {frame_snippet(frame_type, payload)}: unknown_frame"
+                ),
             )
+        if self.phase in ENDING:
+            return
+        # a heartbeat on a channel, content on channel 0, a channel before Connection.OpenOk
+        raise FrameError(
+            m.UNEXPECTED_FRAME,
+            amqp_error_text(f"UNEXPECTED_FRAME - {frame_snippet(frame_type, payload)}"),
+        )
 
     def _forward(self, link: ChannelLink, frame_type: int, payload: memoryview) -> None:
         """Route one frame of an open channel upstream; publishes go out only when complete."""
@@ -258,17 +346,15 @@ class ClientSession(FramedProtocol):
         expected = link.content_expected
         if frame_type == METHOD:
             if expected != NO_CONTENT:
-                raise FrameError(
-                    m.UNEXPECTED_FRAME,
-                    f"UNEXPECTED_FRAME - method while content on channel "
-                    f"{link.client_number} is incomplete",
-                )
+                raise FrameError(m.UNEXPECTED_FRAME, *_content_expected(expected))
             mid = method_id(payload)
             if mid == m.BASIC_PUBLISH:
                 if payload != link.last_publish:  # a publisher repeats itself: check once
-                    check_method(mid, payload)
+                    m.method_arguments(mid, payload)
                     if payload[-1] & m.PUBLISH_IMMEDIATE:
-                        raise FrameError(m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true")
+                        raise FrameError(
+                            m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true", 60, 40
+                        )
                     link.last_publish = bytes(payload)
                 link.content_parts.append(frame(METHOD, number, payload))
                 link.content_expected = HEADER_EXPECTED
@@ -276,27 +362,18 @@ class ClientSession(FramedProtocol):
             if mid in m.DELIVERY_ACKS:
                 link.safe = False
                 if len(payload) != m.DELIVERY_ACK_SIZE:
-                    raise FrameError(
-                        m.SYNTAX_ERROR, f"SYNTAX_ERROR - malformed {m.method_name(mid)}"
-                    )
-            elif mid >> 16 <= 20:  # connection and channel class: only a few are legal here
+                    m.method_arguments(mid, payload)  # raises the broker's FRAME_ERROR
+                link.send(frame(METHOD, number, payload))
+                return
+            if mid in m.CLIENT_CHANNEL_METHODS:
+                self._channel_method(link, mid, payload)
+            elif mid >> 16 == 20:
                 self._channel_class_method(link, mid, payload)
-                return
-            elif mid not in m.CLIENT_CHANNEL_METHODS:
-                raise FrameError(
-                    m.COMMAND_INVALID,
-                    f"COMMAND_INVALID - {m.method_name(mid)} cannot be sent by a client",
-                )
-            elif not self._inspect(link, m.decode_method(payload), payload):
-                return
-            link.send(frame(METHOD, number, payload))
+            else:
+                refuse_method(mid)
         elif frame_type == HEADER:
             if expected != HEADER_EXPECTED:
-                raise FrameError(
-                    m.UNEXPECTED_FRAME,
-                    f"UNEXPECTED_FRAME - content header on channel "
-                    f"{link.client_number} without a content method",
-                )
+                raise FrameError(m.UNEXPECTED_FRAME, *_content_expected(expected))
             size = check_content_header(payload)
             if size > self.max_message_size:
                 link.content_parts.clear()
@@ -315,17 +392,15 @@ class ClientSession(FramedProtocol):
                 self._publish(link)
         elif frame_type == BODY:
             if expected < 0:
-                raise FrameError(
-                    m.UNEXPECTED_FRAME,
-                    f"UNEXPECTED_FRAME - content body on channel "
-                    f"{link.client_number} without a content header",
-                )
+                raise FrameError(m.UNEXPECTED_FRAME, *_content_expected(expected))
             if len(payload) > expected:
-                raise FrameError(
-                    m.FRAME_ERROR,
-                    f"FRAME_ERROR - content body on channel {link.client_number} "
-                    f"is larger than its header announced",
-                )
+                # RabbitMQ counts below zero and waits for the rest forever: the message is
+                # never published, and the next method on the channel is an UNEXPECTED_FRAME
+                link.content_parts.clear()
+                link.content_expected = WEDGED
+                return
+            if expected == WEDGED:
+                return
             if len(payload) + OVERHEAD <= upstream.frame_max:
                 link.content_parts.append(frame(BODY, number, payload))
             else:
@@ -333,193 +408,222 @@ class ClientSession(FramedProtocol):
             link.content_expected = expected - len(payload)
             if link.content_expected == 0:
                 self._publish(link)
-        else:
-            raise FrameError(m.FRAME_ERROR, f"FRAME_ERROR - frame type {frame_type} on a channel")
 
     def _publish(self, link: ChannelLink) -> None:
         self.stats.published += 1
-        link.send(b"".join(link.content_parts))
+        link.publish(b"".join(link.content_parts))
         link.content_parts.clear()
         link.content_expected = NO_CONTENT
 
     def _channel_class_method(self, link: ChannelLink, mid: int, payload: memoryview) -> None:
-        if mid in m.CLIENT_CHANNEL_CLASS_METHODS:
-            check_method(mid, payload)
+        if mid not in (m.CHANNEL_CLOSE, m.CHANNEL_FLOW, m.CHANNEL_OPEN):
+            refuse_method(mid)
+        arguments = m.method_arguments(mid, payload)
         if mid == m.CHANNEL_CLOSE:
-            if link.safe:
-                # Nothing the broker could still say on it matters to this client: answer
-                # here and keep the upstream channel for the next client.
-                del self.channels[link.client_number]
-                self.send(frame(METHOD, link.client_number, CHANNEL_CLOSE_OK_PAYLOAD))
-                link.upstream.park(link)
-                return
-            link.state = CLIENT_CLOSING
-            link.send(frame(METHOD, link.upstream_number, payload))
+            if link.client_close(payload, self.wait_for_broker or not link.safe, False):
+                self._channel_closed(link)
         elif mid == m.CHANNEL_OPEN:
-            raise FrameError(
-                m.CHANNEL_ERROR,
-                f"CHANNEL_ERROR - second 'channel.open' seen on channel {link.client_number}",
-            )
-        elif mid == m.CHANNEL_CLOSE_OK:
-            pass  # nothing of ours awaits it
+            raise FrameError(m.CHANNEL_ERROR, "CHANNEL_ERROR - second 'channel.open' seen", 20, 10)
         elif mid == m.CHANNEL_FLOW:
-            if not payload[4] & 1:
+            if not arguments[0]:
                 # RabbitMQ does not implement stopping a channel's flow (540)
-                raise FrameError(m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - active=false")
+                raise FrameError(m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - active=false", 20, 20)
             link.safe = False
-            link.send(frame(METHOD, link.upstream_number, payload))
-        else:  # Channel.FlowOk (RabbitMQ never asks for it), Channel.OpenOk, connection class
-            raise FrameError(
-                m.COMMAND_INVALID,
-                f"COMMAND_INVALID - {m.method_name(mid)} on channel {link.client_number}",
-            )
+            link.send_request(frame(METHOD, link.upstream_number, payload), mid)
 
-    def _inspect(self, link: ChannelLink, method: m.Method, payload: memoryview) -> bool:
-        """Look at a (decoded, hence well-formed) method before it goes upstream; False when
-        the proxy answered it itself."""
-        queue = getattr(method, "queue", None)
-        reserved = (
-            queue
-            and queue.startswith("amq.")
-            and isinstance(method, commands.Queue.Declare)
-            and not method.passive
-        )  # the broker's 403 comes first
-        if queue and isinstance(method, m.QUEUE_ACCESS) and not reserved:
-            owner = link.upstream.exclusive_owners.get(queue)
-            if owner is not None and owner is not self:
-                # RabbitMQ's answer across connections; here both share one upstream connection
-                self._close_channel(
-                    link,
-                    m.RESOURCE_LOCKED,
-                    f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue "
-                    f"'{queue}' in vhost '{self.vhost}'. It could be originally declared on "
-                    f"another connection or the exclusive property value does not match that "
-                    f"of the original declaration.",
-                    method.index,
-                )
-                return False
-        if isinstance(method, commands.Basic.Qos):
-            return self._qos(link, method, payload)
-        if isinstance(method, commands.Basic.Recover | commands.Basic.RecoverAsync):
-            if not method.requeue:
-                raise FrameError(m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - requeue=false")
-        elif (
-            isinstance(method, commands.Basic.Consume)
-            and not link.client_qos
-            and link.prefetch != NO_PREFETCH
-        ):
-            # a reused channel: the prefetch an earlier client set is not this client's
-            link.upstream.reset_prefetch(link)
-        if isinstance(method, commands.Basic.Consume) and method.consumer_tag:
-            tags = link.consumer_tags
-            if tags is None:
-                tags = link.consumer_tags = set()
-            elif method.consumer_tag in tags:
+    def _channel_closed(self, link: ChannelLink) -> None:
+        """The client's Channel.Close is answered at once."""
+        del self.channels[link.client_number]
+        self.send(frame(METHOD, link.client_number, CHANNEL_CLOSE_OK_PAYLOAD))
+
+    def close_synced(self, link: ChannelLink) -> None:
+        """A close of this client's that waited for the broker is answered (see ChannelLink)."""
+        if self.phase is Phase.CLIENT_CLOSING:
+            self._closes_pending -= 1
+            if self._closes_pending <= 0:
+                self._connection_closed()
+        elif not link.awaits_close_ok:
+            self.channels.pop(link.client_number, None)
+
+    def channel_gone(self, link: ChannelLink) -> None:
+        self.channels.pop(link.client_number, None)
+
+    def _channel_method(self, link: ChannelLink, mid: int, payload: memoryview) -> None:
+        """Look at a method before it goes upstream (the few whose meaning the proxy must
+        know) and send it, unless the proxy answers it itself."""
+        arguments = m.method_arguments(mid, payload)
+        kind = Request.FORWARD
+        if mid in QUEUE_METHODS and not self._queue_accessible(link, mid, arguments):
+            return
+        if mid == m.BASIC_QOS:
+            self._qos(link, *arguments)
+            return
+        elif mid == m.BASIC_RECOVER or mid == m.BASIC_RECOVER_ASYNC:
+            if not arguments[0]:
                 raise FrameError(
-                    m.NOT_ALLOWED,
-                    f"NOT_ALLOWED - attempt to reuse consumer tag '{method.consumer_tag}'",
+                    m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - requeue=false", 60, mid & 0xFFFF
                 )
-            tags.add(method.consumer_tag)
-        elif isinstance(method, commands.Basic.Cancel) and link.consumer_tags:
-            link.consumer_tags.discard(method.consumer_tag)
-        if not (isinstance(method, commands.Basic.Get) and method.no_ack):
+        elif mid == m.BASIC_CONSUME:
+            kind = self._consume(link, str(arguments[2]), bool(arguments[6]))
+        elif mid == m.BASIC_CANCEL:
+            if link.consumer_tags:
+                link.consumer_tags.discard(str(arguments[0]))
+        elif mid == m.QUEUE_DECLARE:
+            kind = self._queue_declare(link, payload, arguments)
+        elif (
+            mid == m.EXCHANGE_DECLARE
+            and not arguments[3]  # passive
+            and not self.worker.exchange_types.check(self, link, str(arguments[2]), payload)
+        ):
+            return
+        if not (mid == m.BASIC_GET and arguments[2]):
             link.safe = False
-        if isinstance(method, commands.Queue.Declare):
-            self._queue_declare(link, method, payload)
-        elif isinstance(method, commands.Exchange.Declare) and not method.passive:
-            return self.worker.exchange_types.check(self, link, method, payload)
-        return True
+        self._send_method(link, mid, payload, arguments, kind)
 
-    def _qos(self, link: ChannelLink, qos: commands.Basic.Qos, payload: memoryview) -> bool:
-        """Answer Basic.Qos here (its reply carries nothing from the broker) and let it follow
-        upstream without the client waiting, unless the upstream channel has that prefetch
-        already (a reused channel: php-amqp sets the same prefetch on every channel)."""
-        if qos.prefetch_size:
-            # RabbitMQ closes the whole connection for this (540): keep it to this client.
-            raise FrameError(
-                m.NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - prefetch_size!=0 ({qos.prefetch_size})"
-            )
-        self.send(frame(METHOD, link.client_number, BASIC_QOS_OK_PAYLOAD))
-        link.client_qos = True
-        prefetch = (qos.prefetch_count or 0, bool(qos.global_))
-        if prefetch != link.prefetch:
-            link.prefetch = prefetch
-            link.qos_pending += 1  # its QosOk is dropped
-            link.send(frame(METHOD, link.upstream_number, payload))
+    def _send_method(
+        self,
+        link: ChannelLink,
+        mid: int,
+        payload: bytes | memoryview,
+        arguments: list[Any],
+        kind: Request = Request.FORWARD,
+    ) -> None:
+        data = frame(METHOD, link.upstream_number, payload)
+        nowait = NOWAIT_ARGUMENT.get(mid)
+        if mid in SYNCHRONOUS and (nowait is None or not arguments[nowait]):
+            link.send_request(data, mid, kind)
+        else:
+            link.send(data)
+
+    def send_declare(self, link: ChannelLink, payload: bytes) -> None:
+        """An Exchange.Declare whose type the broker was just seen to accept."""
+        arguments = m.method_arguments(m.EXCHANGE_DECLARE, payload)
+        self._send_method(link, m.EXCHANGE_DECLARE, payload, arguments)
+
+    def _queue_accessible(self, link: ChannelLink, mid: int, arguments: list[Any]) -> bool:
+        """An exclusive queue is its declaring connection's; here that connection is shared,
+        so the proxy refuses it to the other clients on it, as RabbitMQ would across
+        connections."""
+        queue = str(arguments[1])
+        if not queue or (
+            mid == m.QUEUE_DECLARE and not arguments[2] and queue.startswith("amq.")
+        ):  # the broker's own answer (403 for a reserved name) comes first
+            return True
+        owner = link.upstream.exclusive_owners.get(queue)
+        if owner is None or owner is self:
+            return True
+        self._close_channel(
+            link,
+            m.RESOURCE_LOCKED,
+            f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in "
+            f"vhost '{self.vhost}'. It could be originally declared on another connection or "
+            f"the exclusive property value does not match that of the original declaration.",
+            mid,
+        )
         return False
 
+    def _qos(self, link: ChannelLink, size: int, count: int, global_: bool) -> None:
+        """Answer Basic.Qos here when nothing else is awaited on the channel (its reply
+        carries nothing from the broker), and let it follow upstream without the client
+        waiting, unless the upstream channel has that prefetch already (a reused channel:
+        php-amqp sets the same prefetch on every channel)."""
+        if size:
+            # RabbitMQ closes the whole connection for this (540): keep it to this client.
+            raise FrameError(
+                m.NOT_IMPLEMENTED, f"NOT_IMPLEMENTED - prefetch_size!=0 ({size})", 60, 10
+            )
+        if global_:
+            link.global_qos_set = True
+            current = link.global_prefetch
+        else:
+            link.consumer_qos_set = True
+            current = link.consumer_prefetch
+        if link.requests:
+            # a reply is due first: the broker's QosOk must not overtake it
+            link.set_prefetch(count, global_, Request.FORWARD)
+            return
+        self.send(frame(METHOD, link.client_number, BASIC_QOS_OK_PAYLOAD))
+        if count != current:
+            link.set_prefetch(count, global_, Request.DROP)
+
+    def _consume(self, link: ChannelLink, tag: str, nowait: bool) -> Request:
+        link.reset_inherited_prefetch()
+        tags = link.consumer_tags
+        if tag:
+            if tags is None:
+                tags = link.consumer_tags = set()
+            elif tag in tags:
+                # RabbitMQ closes the whole connection for this: keep it to this client
+                raise FrameError(
+                    m.NOT_ALLOWED, f"NOT_ALLOWED - attempt to reuse consumer tag '{tag}'", 60, 20
+                )
+            tags.add(tag)
+            return Request.FORWARD
+        return Request.FORWARD if nowait else Request.CONSUME
+
     def _queue_declare(
-        self, link: ChannelLink, declare: commands.Queue.Declare, payload: memoryview
-    ) -> None:
+        self, link: ChannelLink, payload: memoryview, arguments: list[Any]
+    ) -> Request:
         """Remember exclusive queues: they belong to the shared upstream connection, which
         outlives this client, so the proxy deletes them when the client goes and refuses
         them to other clients of that connection."""
-        exclusive = bool(declare.exclusive and not declare.passive)
-        kind = EXCLUSIVE if exclusive else NOT_EXCLUSIVE
-        if declare.nowait:
-            if not exclusive:
-                return
-            if declare.queue:
-                self._own_exclusive(link.upstream, declare.queue)
-                return
-            # A server-named queue: the proxy must learn its name, so it asks for the
-            # DeclareOk (clearing the nowait bit in place) and keeps it from the client.
-            payload[NOWAIT_OFFSET + len(declare.queue or "")] &= ~NOWAIT_BIT
-            kind = EXCLUSIVE_UNASKED
-        if link.declares is None:
-            link.declares = []
-        link.declares.append(kind)
+        queue, passive, exclusive, nowait = arguments[1], arguments[2], arguments[4], arguments[6]
+        if not exclusive or passive:
+            return Request.FORWARD
+        if not nowait:
+            return Request.EXCLUSIVE
+        if queue:
+            self._own_exclusive(link.upstream, queue)
+            return Request.FORWARD
+        # A server-named queue: the proxy must learn its name, so it asks for the DeclareOk
+        # (clearing the nowait bit in place) and keeps it from the client.
+        payload[4 + 2 + 1 + len(queue.encode("utf-8", "surrogateescape"))] &= ~NOWAIT_BIT
+        arguments[6] = False
+        return Request.EXCLUSIVE_UNASKED
 
-    def queue_declared(self, link: ChannelLink, payload: memoryview) -> bool:
-        """A DeclareOk from the broker on one of this client's channels; False when the
-        client did not ask for it (nowait)."""
-        assert link.declares
-        kind = link.declares.pop(0)
-        if kind != NOT_EXCLUSIVE:
-            ok = m.decode_method(payload)
-            assert isinstance(ok, commands.Queue.DeclareOk)
-            self._own_exclusive(link.upstream, ok.queue or "")
-        return kind != EXCLUSIVE_UNASKED
+    def exclusive_declared(self, link: ChannelLink, queue: str) -> None:
+        self._own_exclusive(link.upstream, queue)
 
     def _own_exclusive(self, upstream: UpstreamConnection, queue: str) -> None:
         self.exclusive_queues.setdefault(upstream, set()).add(queue)
         upstream.exclusive_owners[queue] = self
 
     def _close_channel(self, link: ChannelLink, code: int, text: str, mid: int) -> None:
-        """Close one channel at the proxy: Channel.Close to the client (which must confirm),
-        and the upstream channel closed behind it."""
+        """Close one channel at the proxy, as the broker would: Channel.Close to the client
+        (which must confirm), the upstream channel given back behind it."""
         number = link.client_number
-        link.upstream.detach(link)
+        link.client_left()
         stub = ChannelLink(self, number, link.upstream, 0)
-        stub.state = BROKER_CLOSED
+        stub.up = Up.CLOSED
+        stub.awaits_close_ok = True
         self.channels[number] = stub
-        close = commands.Channel.Close(code, text, mid >> 16, mid & 0xFFFF)
-        self.send(m.encode_method(number, close))
+        self.send(m.close_frame(number, code, text, mid >> 16, mid & 0xFFFF))
 
     def _channel_not_open(
         self, frame_type: int, channel: int, payload: memoryview, link: ChannelLink | None
     ) -> None:
         """A frame on a channel that is not (or no longer) open."""
-        if self.state == CLOSING:
-            return  # after our Connection.Close only CloseOk matters
-        if self.state != ACTIVE:
-            raise FrameError(
-                m.CHANNEL_ERROR, f"CHANNEL_ERROR - channel {channel} used before connection.open"
-            )
         mid = method_id(payload) if frame_type == METHOD else 0
         if link is None:
+            if frame_type != METHOD:
+                raise FrameError(m.UNEXPECTED_FRAME, *_content_expected(NO_CONTENT))
+            if mid not in m.commands.INDEX_MAPPING:
+                refuse_method(mid)
+            m.method_arguments(mid, payload)
             if mid == m.CHANNEL_OPEN:
                 self._open_channel(channel)
                 return
-            raise FrameError(m.CHANNEL_ERROR, f"CHANNEL_ERROR - channel {channel} is not open")
-        if link.state == BROKER_CLOSED:
-            # Drop everything until the client confirms the broker's Channel.Close.
+            raise FrameError(
+                m.CHANNEL_ERROR, "CHANNEL_ERROR - expected 'channel.open'", mid >> 16, mid & 0xFFFF
+            )
+        if link.awaits_close_ok:
+            # The channel is closed on the client's side too: as the broker's closing channel,
+            # answer a Close and wait for the CloseOk; drop everything else.
             if mid == m.CHANNEL_CLOSE:
                 self.send(frame(METHOD, channel, CHANNEL_CLOSE_OK_PAYLOAD))
+            elif mid == m.CHANNEL_CLOSE_OK and link.client_close_ok():
                 del self.channels[channel]
-            elif mid == m.CHANNEL_CLOSE_OK:
-                del self.channels[channel]
-        # CLIENT_CLOSING: the client awaits CloseOk; what it sends meanwhile is dropped.
+        # owes_close_ok: the client awaits our CloseOk; what it sends meanwhile is dropped
 
     def _open_channel(self, number: int) -> None:
         if number > self.channel_max:
@@ -541,8 +645,8 @@ class ClientSession(FramedProtocol):
         except UpstreamError as exc:
             self.close_with(exc.code, exc.text, 20, 10)
             return
-        if self.state != ACTIVE:
-            link.upstream.detach(link)
+        if self.phase is not Phase.ACTIVE:
+            link.client_left()
             return
         self._attach(link)
 
@@ -550,12 +654,14 @@ class ClientSession(FramedProtocol):
         """The client's side of a new channel: answered at once, whatever happens upstream."""
         number = link.client_number
         upstream = link.upstream
+        if self.home is None:
+            self.home = upstream
         self.channels[number] = link
         self.send(frame(METHOD, number, CHANNEL_OPEN_OK_PAYLOAD))
         if upstream.blocked is not None:
             self.upstream_blocked(upstream)
         if upstream.write_paused:
-            self.hold_reading(upstream)
+            upstream.hold(self)
 
     def run_paused(self, step: Any) -> None:
         """Run an async step with parsing paused, so later frames wait for it in order."""
@@ -578,55 +684,87 @@ class ClientSession(FramedProtocol):
     # --- connection class -----------------------------------------------------------------
 
     def _connection_method(self, payload: memoryview) -> None:
-        method = m.decode_method(payload)
-        index = method.index
-        if self.state == CLOSING:
+        index = method_id(payload)
+        if index not in m.commands.INDEX_MAPPING:
+            refuse_method(index)
+        try:
+            arguments = m.method_arguments(index, payload)
+        except FrameError:
+            # on channel 0 RabbitMQ's reader decodes (and crashes) itself: 541
+            raise FrameError(m.INTERNAL_ERROR, "INTERNAL_ERROR") from None
+        if index >> 16 != 10 and self.phase is Phase.ACTIVE:
+            raise FrameError(
+                m.CHANNEL_ERROR,
+                "CHANNEL_ERROR - unexpected method in connection state running",
+                index >> 16, index & 0xFFFF,
+            )  # fmt: skip
+        phase = self.phase
+        if phase is Phase.CLOSING:
             if index in (m.CONNECTION_CLOSE_OK, m.CONNECTION_CLOSE):
                 if index == m.CONNECTION_CLOSE:
                     self.send(CONNECTION_CLOSE_OK)
-                self.state = CLOSED
+                self.phase = Phase.CLOSED
                 self.close_transport()
             return
+        if phase is Phase.CLIENT_CLOSING:
+            return  # the client awaits our CloseOk
         if index == m.CONNECTION_CLOSE:
-            assert isinstance(method, commands.Connection.Close)
-            self._ending("client_close", "client closed the connection")
-            if method.reply_code != m.REPLY_SUCCESS:
-                self._close_reason += f" ({method.reply_code} {method.reply_text})"
-            self._release_channels()
-            self.send(CONNECTION_CLOSE_OK)
-            self.state = CLOSED
-            self.close_transport()
-        elif self.state == AWAIT_START_OK and isinstance(method, commands.Connection.StartOk):
-            self._start_ok(method)
-        elif self.state == AWAIT_TUNE_OK and isinstance(method, commands.Connection.TuneOk):
-            self._tune_ok(method)
-        elif self.state == AWAIT_OPEN and isinstance(method, commands.Connection.Open):
-            self.vhost = method.virtual_host
-            self.state = OPENING
+            self._client_connection_close(int(arguments[0]), str(arguments[1]))
+        elif phase is Phase.START_OK and index == m.CONNECTION_START_OK:
+            self._start_ok(arguments, payload)
+        elif phase is Phase.TUNE_OK and index == m.CONNECTION_TUNE_OK:
+            self._tune_ok(*arguments)
+        elif phase is Phase.OPEN and index == m.CONNECTION_OPEN:
+            self.vhost = str(arguments[0])
+            self.phase = Phase.OPENING
             self.run_paused(self._authenticate())
-        elif self.state == ACTIVE and index == m.CONNECTION_UPDATE_SECRET:
-            raise FrameError(
-                m.NOT_IMPLEMENTED,
-                "NOT_IMPLEMENTED - connection.update-secret is not supported through the proxy",
-            )
+        elif phase is Phase.ACTIVE and index == m.CONNECTION_UPDATE_SECRET:
+            # The pooled upstream connections keep the secret they were opened with (see
+            # docs/differences.md); the client's connection carries on, as it would directly.
+            self.send(CONNECTION_UPDATE_SECRET_OK)
         else:
-            raise FrameError(m.COMMAND_INVALID, f"COMMAND_INVALID - unexpected {method.name}")
+            raise FrameError(
+                m.COMMAND_INVALID, f"COMMAND_INVALID - unexpected {m.method_name(index)}"
+            )
 
-    def _start_ok(self, method: commands.Connection.StartOk) -> None:
-        props = method.client_properties or {}
-        capabilities = props.get("capabilities")
-        self.capabilities = capabilities if isinstance(capabilities, dict) else {}
+    def _client_connection_close(self, code: int, text: str) -> None:
+        """The client leaves. With close_policy processed, its CloseOk waits until the broker
+        has processed what it published on each channel (and any error that caused is passed
+        on first, as RabbitMQ does); with local, it is answered at once."""
+        self._ending("client_close", "client closed the connection")
+        if code != m.REPLY_SUCCESS:
+            self._close_reason += f" ({code} {text})"
+        self.phase = Phase.CLIENT_CLOSING
+        pending = 0
+        if self.wait_for_broker:
+            for link in list(self.channels.values()):
+                if link.owes_close_ok:
+                    pending += 1  # its Channel.Close is under way: that answer comes first
+                elif link.client_open and not link.client_close(None, True, True):
+                    pending += 1
+        self._closes_pending = pending
+        if not pending:
+            self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        self._release_channels()
+        self.send(CONNECTION_CLOSE_OK)
+        self.phase = Phase.CLOSED
+        self.close_transport()
+
+    def _start_ok(self, arguments: list[Any], payload: memoryview) -> None:
+        self.capabilities = m.client_capabilities(arguments, payload)
         try:
-            self.user, self._password = m.parse_sasl_response(method.mechanism, method.response)
+            self.user, self._password = m.parse_sasl_response(str(arguments[1]), arguments[2])
         except ValueError as exc:
             log.warning("client %s: authentication failed: %s", self.peer, exc)
             self.close_with(m.ACCESS_REFUSED, f"ACCESS_REFUSED - {exc}", 10, 11, kind="auth_failed")
             return
         self.send(self.worker.connection_tune)
-        self.state = AWAIT_TUNE_OK
+        self.phase = Phase.TUNE_OK
 
-    def _tune_ok(self, method: commands.Connection.TuneOk) -> None:
-        frame_max = method.frame_max or DEFAULT_FRAME_MAX
+    def _tune_ok(self, channel_max: int, frame_max: int, heartbeat: int) -> None:
+        frame_max = frame_max or DEFAULT_FRAME_MAX
         if not MIN_FRAME_MAX <= frame_max <= DEFAULT_FRAME_MAX:
             raise FrameError(
                 m.SYNTAX_ERROR,
@@ -634,9 +772,9 @@ class ClientSession(FramedProtocol):
                 f"{MIN_FRAME_MAX}..{DEFAULT_FRAME_MAX}",
             )
         self.frame_max = frame_max
-        self.channel_max = min(method.channel_max or CHANNEL_MAX, CHANNEL_MAX)
-        self.heartbeat = method.heartbeat
-        self.state = AWAIT_OPEN
+        self.channel_max = min(channel_max or CHANNEL_MAX, CHANNEL_MAX)
+        self.heartbeat = heartbeat
+        self.phase = Phase.OPEN
 
     async def _authenticate(self) -> None:
         limit = self.worker.config.max_client_connections
@@ -669,12 +807,12 @@ class ClientSession(FramedProtocol):
                 exc.code, exc.text, 10, 40, kind="auth_failed" if refused else "upstream_closed"
             )
             return
-        if self.state != OPENING:
+        if self.phase is not Phase.OPENING:
             self.worker.pools.forget_if_unused(pool)
             return
         self.pool = pool
         pool.clients += 1
-        self.state = ACTIVE
+        self.phase = Phase.ACTIVE
         self.send(CONNECTION_OPEN_OK)
         # one INFO line per client, when it leaves (PHP-FPM opens thousands a second)
         log.debug("client %s connected as user=%r vhost=%r", self.peer, self.user, self.vhost)
@@ -683,37 +821,30 @@ class ClientSession(FramedProtocol):
 
     def deliver(self, frame_type: int, channel: int, payload: memoryview) -> None:
         """Send a frame that arrived upstream to this client, split to its frame_max."""
+        if self.phase is Phase.CLIENT_CLOSING and (
+            frame_type != METHOD or method_id(payload) != m.CHANNEL_CLOSE
+        ):
+            return  # it discards all but a channel's close now (AMQP 0-9-1, 1.4.2.5)
         if frame_type == BODY and len(payload) + OVERHEAD > self.frame_max:
             for part in body_frames(channel, payload, self.frame_max):
                 self.send(part)
         else:
             self.send(frame(frame_type, channel, payload))
 
-    def channel_lost(self, link: ChannelLink) -> None:
-        """Its upstream channel died for an earlier client and could not be replaced."""
-        close = commands.Channel.Close(
-            m.RESOURCE_ERROR, "RESOURCE_ERROR - upstream channel lost and none free to replace it"
-        )
-        self.send(m.encode_method(link.client_number, close))
-
-    def channel_closed(self, link: ChannelLink) -> None:
-        """The broker confirmed the client's Channel.Close."""
-        self.channels.pop(link.client_number, None)
-        self.send(frame(METHOD, link.client_number, CHANNEL_CLOSE_OK_PAYLOAD))
-
     def upstream_blocked(self, upstream: UpstreamConnection) -> None:
         first = not self._blocked_by
-        self._blocked_by.add(id(upstream))
-        if first and self.capabilities.get("connection.blocked"):
+        self._blocked_by.add(upstream)
+        upstream.blocked_clients.add(self)
+        if first and "connection.blocked" in self.capabilities:
             reason = upstream.blocked or ""
-            self.send(m.encode_method(0, commands.Connection.Blocked(reason)))
+            self.send(m.encode_method(0, m.commands.Connection.Blocked(reason)))
 
     def upstream_unblocked(self, upstream: UpstreamConnection) -> None:
-        if id(upstream) not in self._blocked_by:
+        if upstream not in self._blocked_by:
             return
-        self._blocked_by.discard(id(upstream))
-        if not self._blocked_by and self.capabilities.get("connection.blocked"):
-            self.send(m.encode_method(0, commands.Connection.Unblocked()))
+        self._blocked_by.discard(upstream)
+        if not self._blocked_by and "connection.blocked" in self.capabilities:
+            self.send(m.encode_method(0, m.commands.Connection.Unblocked()))
 
     def _release_channels(self) -> None:
         for upstream, queues in self.exclusive_queues.items():
@@ -723,12 +854,8 @@ class ClientSession(FramedProtocol):
                     del upstream.exclusive_owners[queue]
         self.exclusive_queues.clear()
         for link in self.channels.values():
-            if link.safe and link.state == OPEN and link.content_expected == NO_CONTENT:
-                link.upstream.park(link)
-            else:
-                link.content_parts.clear()
-                link.upstream.detach(link)
-            self.release_reading(link.upstream)
+            if link.client is self:
+                link.client_left()
         self.channels.clear()
 
     def __repr__(self) -> str:

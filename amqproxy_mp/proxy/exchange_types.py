@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from amqproxy_mp.amqp import methods as m
 from amqproxy_mp.amqp.frames import METHOD, frame
 from amqproxy_mp.amqp.methods import commands
-from amqproxy_mp.proxy.channels import OPEN
 from amqproxy_mp.proxy.pool import Pool, Pools
 from amqproxy_mp.proxy.upstream import UpstreamError, open_upstream
 
@@ -36,30 +35,21 @@ class ExchangeTypes:
         self.known: set[str] = set(BUILTIN)
 
     def check(
-        self,
-        client: ClientSession,
-        link: ChannelLink,
-        declare: commands.Exchange.Declare,
-        payload: memoryview,
+        self, client: ClientSession, link: ChannelLink, exchange_type: str, payload: memoryview
     ) -> bool:
         """True when the declare may go upstream now; else the proxy tries the type first and
         forwards or refuses the declare itself."""
-        if declare.exchange_type in self.known:
+        if exchange_type in self.known:
             return True
-        client.run_paused(self._try(client, link, declare, bytes(payload)))
+        client.run_paused(self._try(client, link, exchange_type, bytes(payload)))
         return False
 
     async def _try(
-        self,
-        client: ClientSession,
-        link: ChannelLink,
-        declare: commands.Exchange.Declare,
-        payload: bytes,
+        self, client: ClientSession, link: ChannelLink, exchange_type: str, payload: bytes
     ) -> None:
-        exchange_type = str(declare.exchange_type)
         assert client.pool is not None
         try:
-            refusal = await self._probe(client.pool, declare)
+            refusal = await self._probe(client.pool, exchange_type, payload)
         except UpstreamError as exc:
             client.close_with(exc.code, exc.text, 40, 10)
             return
@@ -78,11 +68,11 @@ class ExchangeTypes:
             client.close_with(code, text, 40, 10, kind="protocol_error")
             return
         self.known.add(exchange_type)
-        if link.state == OPEN and link.client is client:
-            link.upstream.send(frame(METHOD, link.upstream_number, payload))
+        if link.client is client and link.client_open:
+            client.send_declare(link, payload)
 
     async def _probe(
-        self, pool: Pool, declare: commands.Exchange.Declare
+        self, pool: Pool, exchange_type: str, payload: bytes
     ) -> tuple[int, str] | None:
         """Declare a throwaway exchange of that type on a disposable connection; returns the
         connection-level refusal, or None when the type is accepted (a channel-level error,
@@ -92,13 +82,15 @@ class ExchangeTypes:
         )
         name = f"amqproxy-mp-probe-{uuid.uuid4().hex}"
         try:
+            # the client's own arguments, as bytes: the type may read them
+            arguments = m.method_arguments(m.EXCHANGE_DECLARE, payload)[-1]
             trial = commands.Exchange.Declare(
-                exchange=name,
-                exchange_type=declare.exchange_type,
-                auto_delete=True,
-                arguments=declare.arguments,
+                exchange=name, exchange_type=exchange_type, auto_delete=True
             )
-            result = await conn.probe(m.encode_method(1, trial))
+            encoded = m.encode_method(1, trial)
+            start, end = arguments
+            trial_payload = encoded[7:-5] + payload[start - 4 : end]
+            result = await conn.probe(frame(METHOD, 1, trial_payload))
             if result is None:
                 conn.send(m.encode_method(1, commands.Exchange.Delete(exchange=name, nowait=True)))
                 return None

@@ -3,6 +3,11 @@
 Keying by the password too means a client is only ever served by a connection
 that the broker opened for exactly its credentials: authentication is never
 inferred from someone else's login.
+
+A pool owns its park list: upstream channels whose client left, each clean (the broker
+has answered everything sent on it, so nothing an earlier client did can still close it)
+and on a connection that takes new channels. Only `park` puts a channel there; it leaves
+through `take_channel`, or is closed when idle or when its connection retires or ends.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from typing import TYPE_CHECKING
 
 from amqproxy_mp.amqp.methods import RESOURCE_ERROR
 from amqproxy_mp.metrics import Stats
-from amqproxy_mp.proxy.channels import PARKED, ChannelLink
 from amqproxy_mp.proxy.upstream import (
     UpstreamConnection,
     UpstreamError,
@@ -25,6 +29,7 @@ from amqproxy_mp.proxy.upstream import (
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from amqproxy_mp.proxy.channels import ChannelLink
     from amqproxy_mp.proxy.client import ClientSession
 
 log = logging.getLogger(__name__)
@@ -41,7 +46,7 @@ class Pool:
         #: Client sessions authenticated through this pool.
         self.clients = 0
         self._opening: asyncio.Future[UpstreamConnection] | None = None
-        #: Safe upstream channels whose clients left, most recently parked last.
+        #: Clean upstream channels whose clients left, most recently parked last.
         self.parked: list[ChannelLink] = []
 
     async def authenticate(self) -> None:
@@ -49,26 +54,34 @@ class Pool:
         if not any(conn.is_usable for conn in self.connections):
             await self.open_connection()
 
+    def park(self, link: ChannelLink) -> None:
+        """Keep a clean channel whose client left for the next client of the pool."""
+        link.touch_parked()
+        self.parked.append(link)
+
     def take_channel(self, client: ClientSession, number: int) -> ChannelLink | None:
-        """An upstream channel for a client channel, without waiting: a parked one if there is
-        one (no broker round trip at all), else a new one on the first connection with room."""
+        """An upstream channel for a client channel, without waiting: a parked one if there
+        is one (no broker round trip at all), else a new one. A client's channels all go to
+        its first channel's connection (its home), where its exclusive queues are."""
+        home = client.home
         parked = self.parked
-        while parked:
+        for i in range(len(parked) - 1, -1, -1):
             # The most recently parked first: a client that follows another (the PHP-FPM
-            # pattern) gets the same upstream channel, so its messages cannot overtake those of
-            # its predecessor even before the parking round trip is answered.
-            link = parked.pop()
-            if link.state == PARKED and link.upstream.is_usable:
+            # pattern) gets the same upstream channel.
+            link = parked[i]
+            if home is None or link.upstream is home:
+                del parked[i]
                 link.reuse(client, number)
                 self.pools.stats.channels_reused += 1
                 return link
+        if home is not None and home.is_open and (new := home.allocate(client, number)):
+            return new
+        limit = self.pools.settings.max_channels
         for conn in self.connections:
-            if conn.is_usable:
-                upstream_number = conn.numbers.allocate()
-                if upstream_number is not None:
-                    link = ChannelLink(client, number, conn, upstream_number)
-                    conn.attach(link)
-                    return link
+            if conn.is_usable and (not limit or conn.numbers.in_use < limit):
+                new = conn.allocate(client, number)
+                if new is not None:
+                    return new
         return None
 
     async def acquire_channel(self, client: ClientSession, number: int) -> ChannelLink:
@@ -98,6 +111,17 @@ class Pool:
             return conn
         finally:
             self._opening = None
+            self.pools.forget_if_unused(self)
+
+    def _unpark(self, condition: object) -> None:
+        """Close the parked channels for which `condition(link)` holds."""
+        keep = []
+        for link in self.parked:
+            if condition(link):  # type: ignore[operator]
+                link.close_parked()
+            else:
+                keep.append(link)
+        self.parked = keep
 
     def connection_gone(self, conn: UpstreamConnection) -> None:
         if conn in self.connections:
@@ -107,22 +131,18 @@ class Pool:
     def close_idle(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
         """Retire connections older than max_lifetime (no new channels; closed once empty),
         and close connections without channels for idle_timeout, keeping one per pool."""
-        if self.parked:
-            still_parked = []
-            for link in self.parked:
-                if link.upstream.retired or now - link.parked_since >= idle_timeout:
-                    link.upstream.close_parked(link)
-                elif link.state == PARKED:
-                    still_parked.append(link)
-            self.parked = still_parked
         for conn in self.connections:
             if max_lifetime and not conn.retired and now - conn.opened_at >= max_lifetime:
                 conn.retired = True
                 log.info(
                     "upstream connection %s reached its max lifetime (%g s): retiring it",
-                    conn,
+                    conn.name,
                     max_lifetime,
                 )
+        if self.parked:
+            self._unpark(
+                lambda link: link.upstream.retired or now - link.parked_since >= idle_timeout
+            )
         for conn in [c for c in self.connections if c.retired and not c.channels]:
             conn.close(f"max lifetime of {max_lifetime:g} s reached")
         idle = [c for c in self.connections if c.is_usable and not c.channels]
@@ -163,11 +183,15 @@ class Pools:
 
     def forget_if_unused(self, pool: Pool) -> None:
         """Drop a pool that serves nobody (e.g. after a failed login) so pools cannot pile up."""
-        if not pool.connections and not pool.clients and pool._opening is None:
-            self._pools.pop(pool.credentials, None)
+        unused = not pool.connections and not pool.clients and pool._opening is None
+        if unused and self._pools.get(pool.credentials) is pool:
+            del self._pools[pool.credentials]
 
     def __iter__(self) -> Iterator[Pool]:
         return iter(list(self._pools.values()))
+
+    def __len__(self) -> int:
+        return len(self._pools)
 
     def connections(self) -> Iterator[UpstreamConnection]:
         for pool in self:

@@ -20,44 +20,25 @@ from pamqp.common import FieldTable
 
 from amqproxy_mp import __version__
 from amqproxy_mp.amqp import methods as m
-from amqproxy_mp.amqp.frames import (
-    CHANNEL_NUMBER,
-    HEARTBEAT,
-    METHOD,
-    OVERHEAD,
-    FrameError,
-    frame,
-    method_id,
-)
+from amqproxy_mp.amqp.frames import HEARTBEAT, METHOD, FrameError, frame, method_id
 from amqproxy_mp.amqp.methods import commands
 from amqproxy_mp.amqp.transport import DEFAULT_FRAME_MAX, FramedProtocol
 from amqproxy_mp.proxy.channels import (
-    BROKER_CLOSED,
-    CLIENT_CLOSING,
-    DETACHED,
-    NO_PREFETCH,
-    OPEN,
-    PARKED,
+    CHANNEL_CLOSE_OK_PAYLOAD,
+    CHANNEL_OPEN_PAYLOAD,
     ChannelLink,
     ChannelNumbers,
+    ClientSide,
+    Up,
 )
 
 if TYPE_CHECKING:
-    from amqproxy_mp.proxy.client import ClientSession
     from amqproxy_mp.proxy.pool import Pool
 
 log = logging.getLogger(__name__)
 
 #: Bytes queued towards the broker above which its publishing clients are paused.
 UPSTREAM_WRITE_BUFFER: Final = 4 * 1024 * 1024
-CHANNEL_OPEN_PAYLOAD: Final = b"\x00\x14\x00\x0a\x00"
-CHANNEL_CLOSE_OK_PAYLOAD: Final = b"\x00\x14\x00\x29"
-#: Exchange.Declare(amq.direct, passive): the round trip before a channel is parked.
-PARK_CHECK_PAYLOAD: Final = m.encode_method(
-    0, commands.Exchange.Declare(exchange="amq.direct", exchange_type="direct", passive=True)
-)[7:-1]
-QOS_RESET_PAYLOAD: Final = m.encode_method(0, commands.Basic.Qos())[7:-1]
-QOS_METHOD_ID: Final = QOS_RESET_PAYLOAD[:4]
 
 CLIENT_PROPERTIES: Final[FieldTable] = {
     "product": "amqproxy-mp",
@@ -76,16 +57,6 @@ CLIENT_PROPERTIES: Final[FieldTable] = {
 
 # Connection states.
 HANDSHAKE, READY, CLOSING, CLOSED = range(4)
-
-
-def renumbered(data: bytes, channel: bytes) -> bytes:
-    """The same frames (one or more, back to back) on another channel."""
-    out = bytearray(data)
-    pos = 0
-    while pos < len(out):
-        out[pos + 1 : pos + 3] = channel
-        pos += OVERHEAD + int.from_bytes(out[pos + 3 : pos + 7], "big")
-    return bytes(out)
 
 
 class UpstreamError(Exception):
@@ -193,7 +164,12 @@ class UpstreamConnection(FramedProtocol):
         #: How log lines name this connection.
         self.name = f"{settings.address} (user={pool.user!r} vhost={pool.vhost!r})"
         #: Exclusive queues declared through this connection, and the client that owns each.
-        self.exclusive_owners: dict[str, ClientSession] = {}
+        self.exclusive_owners: dict[str, ClientSide] = {}
+        #: Clients told that this connection is blocked (told again when it is unblocked,
+        #: whether or not they still have a channel here, as a direct connection would be).
+        self.blocked_clients: set[ClientSide] = set()
+        #: Clients not read while the broker does not read this connection.
+        self.held_clients: set[ClientSide] = set()
         #: A disposable connection's one trial method (see `probe`).
         self._probe: asyncio.Future[tuple[int, str, bool] | None] | None = None
         self._handshake_step = m.CONNECTION_START
@@ -271,6 +247,11 @@ class UpstreamConnection(FramedProtocol):
             self.transport.abort()
 
     @property
+    def is_open(self) -> bool:
+        """Open for channels (a retired connection still takes its clients' further ones)."""
+        return self.state == READY
+
+    @property
     def is_usable(self) -> bool:
         """Open, and young enough to take new channels (and to vouch for credentials)."""
         return self.state == READY and not self.retired
@@ -286,7 +267,7 @@ class UpstreamConnection(FramedProtocol):
             self.name,
         )
         for client in self.clients():
-            client.hold_reading(self)
+            self.hold(client)
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -294,8 +275,12 @@ class UpstreamConnection(FramedProtocol):
             "upstream %s reads again; resuming its clients",
             self.name,
         )
-        for client in self.clients():
+        self._release_held()
+
+    def _release_held(self) -> None:
+        for client in self.held_clients:
             client.release_reading(self)
+        self.held_clients.clear()
 
     # --- frames from the broker -----------------------------------------------------------
 
@@ -307,36 +292,14 @@ class UpstreamConnection(FramedProtocol):
             link = self.channels.get(channel)
             if link is None:
                 return  # a frame for a channel already given back: nothing to do
-            if link.markers:
-                self._draining_frame(link, frame_type, payload)
-            elif link.state == OPEN and link.client is not None:
-                if frame_type == METHOD:
-                    mid = method_id(payload)
-                    if mid == m.CHANNEL_CLOSE:
-                        if link.opened:
-                            self._broker_closed_channel(link, payload)
-                        return  # else a stale Close for this number's previous channel
-                    if mid == m.CHANNEL_OPEN_OK:
-                        link.opened = True
-                        return  # the proxy already answered the client's Channel.Open
-                    if mid == m.BASIC_DELIVER or mid == m.BASIC_GET_OK:
-                        self.stats.delivered += 1
-                    elif mid == m.BASIC_QOS_OK and link.qos_pending:
-                        link.qos_pending -= 1  # the proxy answered the client's Qos itself
-                        return
-                    elif (
-                        mid == m.QUEUE_DECLARE_OK
-                        and link.declares
-                        and not link.client.queue_declared(link, payload)
-                    ):
-                        return  # a DeclareOk the client did not ask for (nowait)
+            if frame_type == METHOD:
+                link.broker_method(method_id(payload), payload)
+            elif link.forwarding and link.client is not None:
                 link.client.deliver(frame_type, link.client_number, payload)
-            elif frame_type == METHOD:
-                self._closing_channel_method(link, method_id(payload), payload)
             return
         if frame_type == METHOD:
             if self.state == HANDSHAKE:
-                self._handshake(m.decode_method(payload))
+                self._handshake(m.decode_broker_method(payload))
             else:
                 self._connection_method(payload)
         elif frame_type != HEARTBEAT:
@@ -371,9 +334,9 @@ class UpstreamConnection(FramedProtocol):
             )
             self._handshake_step = m.CONNECTION_TUNE
         elif isinstance(method, commands.Connection.Tune):
+            # max_upstream_channels is applied when placing new clients (see Pool): a
+            # client's further channels stay on its connection, up to the broker's limit
             channel_max = method.channel_max or 65535
-            if self.settings.max_channels:
-                channel_max = min(channel_max, self.settings.max_channels)
             self.numbers = ChannelNumbers(channel_max)
             self.frame_max = method.frame_max or DEFAULT_FRAME_MAX
             self.heartbeat = self.settings.heartbeat
@@ -396,7 +359,7 @@ class UpstreamConnection(FramedProtocol):
     def _connection_method(self, payload: memoryview) -> None:
         mid = method_id(payload)
         if mid == m.CONNECTION_CLOSE:
-            close = m.decode_method(payload)
+            close = m.decode_broker_method(payload)
             assert isinstance(close, commands.Connection.Close)
             self.send(m.encode_method(0, commands.Connection.CloseOk()))
             self.stats.upstream_errors["closed_by_broker"] += 1
@@ -416,7 +379,7 @@ class UpstreamConnection(FramedProtocol):
         elif mid == m.CONNECTION_CLOSE_OK:
             self.close_transport()
         elif mid == m.CONNECTION_BLOCKED:
-            blocked = m.decode_method(payload)
+            blocked = m.decode_broker_method(payload)
             assert isinstance(blocked, commands.Connection.Blocked)
             self.blocked = blocked.reason or "blocked"
             log.warning(
@@ -432,8 +395,9 @@ class UpstreamConnection(FramedProtocol):
                 "upstream %s unblocked",
                 self.name,
             )
-            for client in self.clients():
+            for client in list(self.blocked_clients):
                 client.upstream_unblocked(self)
+            self.blocked_clients.clear()
 
     async def probe(self, method_frame: bytes) -> tuple[int, str, bool] | None:
         """On a disposable connection: open channel 1, send one method, and return None when
@@ -449,7 +413,7 @@ class UpstreamConnection(FramedProtocol):
         if mid == m.CHANNEL_OPEN_OK or self._probe.done():
             return
         if mid == m.CHANNEL_CLOSE:
-            close = m.decode_method(payload)
+            close = m.decode_broker_method(payload)
             assert isinstance(close, commands.Channel.Close)
             self.send(frame(METHOD, 1, CHANNEL_CLOSE_OK_PAYLOAD))
             self._probe.set_result((close.reply_code or 0, close.reply_text, False))
@@ -480,13 +444,18 @@ class UpstreamConnection(FramedProtocol):
 
     def _close_clients(self, code: int, text: str, class_id: int, method_id: int) -> None:
         self._end_probe(code, text)
-        for client in self.clients():
-            client.close_with(code, text, class_id, method_id)
+        clients = self.clients()
+        for link in self.channels.values():
+            link.upstream_gone()
         self.channels.clear()
+        self._release_held()
+        self.blocked_clients.clear()
+        for client in clients:
+            client.close_with(code, text, class_id, method_id)
 
-    def clients(self) -> list[ClientSession]:
+    def clients(self) -> list[ClientSide]:
         """The distinct client sessions with a channel on this connection."""
-        seen: dict[int, ClientSession] = {}
+        seen: dict[int, ClientSide] = {}
         for link in self.channels.values():
             if link.client is not None:
                 seen[id(link.client)] = link.client
@@ -494,179 +463,60 @@ class UpstreamConnection(FramedProtocol):
 
     # --- channels -------------------------------------------------------------------------
 
-    def attach(self, link: ChannelLink) -> None:
-        """Open the upstream channel for a link; the client was answered already."""
-        if link.upstream_number in self.channels:
-            log.error("BUG: upstream channel %d handed out twice on %r", link.upstream_number, self)
-        self.channels[link.upstream_number] = link
-        link.opened = False
+    @property
+    def can_park(self) -> bool:
+        """Channels whose client left may wait here for the next client of the pool."""
+        return self.state == READY and not self.retired
+
+    def allocate(self, client: ClientSide, number: int) -> ChannelLink | None:
+        """A new upstream channel for a client channel (the client is answered already)."""
+        upstream_number = self.numbers.allocate()
+        if upstream_number is None:
+            return None
+        link = ChannelLink(client, number, self, upstream_number)
+        if upstream_number in self.channels:
+            log.error("BUG: upstream channel %d handed out twice on %r", upstream_number, self)
+        self.channels[upstream_number] = link
         self.stats.upstream_channel_opens += 1
-        self.send(frame(METHOD, link.upstream_number, CHANNEL_OPEN_PAYLOAD))
+        link.open_upstream()
+        return link
 
-    def park(self, link: ChannelLink) -> None:
-        """Keep a safe channel whose client left for the next client of the pool. First one
-        round trip on it (a passive declare of amq.direct), so that whatever its last client
-        caused (a late error, a Basic.Return) arrives, and is dropped, before anyone reuses it."""
-        if self.state != READY or self.retired:
-            self.detach(link)
-            return
-        link.client = None
-        link.replay = None
-        # (the prefetch stays: the next client most likely asks for the same; see reset_prefetch)
-        self.send(frame(METHOD, link.upstream_number, PARK_CHECK_PAYLOAD))
-        link.markers += 1
-        link.state = PARKED
-        link.parked_since = time.monotonic()
-        self.pool.parked.append(link)
-
-    def reset_prefetch(self, link: ChannelLink) -> None:
-        """Back to the default prefetch on a reused channel, before a consumer that did not set
-        one of its own starts; the QosOk is dropped."""
-        link.prefetch = NO_PREFETCH
-        link.qos_pending += 1
-        link.send(frame(METHOD, link.upstream_number, QOS_RESET_PAYLOAD))
-
-    def close_parked(self, link: ChannelLink) -> None:
-        """A parked channel idle for too long (or on a retired connection): close it."""
-        if link.state == PARKED:
-            link.state = OPEN  # so that detach closes it upstream
-            self.detach(link)
-
-    def _draining_frame(self, link: ChannelLink, frame_type: int, payload: memoryview) -> None:
-        """A frame on a channel whose parking marker is not answered yet: it was caused by an
-        earlier client of the channel, so nobody gets it."""
-        if frame_type != METHOD:
-            return  # content of a Basic.Return for an earlier client
-        mid = method_id(payload)
-        if mid == m.CHANNEL_OPEN_OK:
-            link.opened = True  # a channel parked right after it was opened
-        elif mid == m.EXCHANGE_DECLARE_OK:
-            link.markers -= 1
-            if not link.markers:
-                link.replay = None
-        elif mid == m.BASIC_QOS_OK:
-            link.qos_pending -= 1
-        elif mid == m.CHANNEL_CLOSE:
-            # An earlier client's late error (a publish to a missing exchange): the channel is
-            # gone, and the broker dropped whatever came after the error.
-            self.send(frame(METHOD, link.upstream_number, CHANNEL_CLOSE_OK_PAYLOAD))
-            link.markers = 0
-            if link.state == OPEN and link.client is not None:
-                self._release_number(link)
-                self._move_to_new_channel(link)
-            elif link.state == PARKED:
-                self._release_number(link)
-                link.state = BROKER_CLOSED
-            # DETACHED, CLIENT_CLOSING: we sent a Close too; the CloseOk to it frees the number
-        # anything else (a Basic.Return for an earlier client, ...) is dropped
-
-    def _move_to_new_channel(self, link: ChannelLink) -> None:
-        """Give a reused channel's client a fresh upstream channel and send again what it
-        sent on the old one, which the broker dropped unprocessed."""
-        replay = link.replay or []
-        link.replay = None
-        link.qos_pending = sum(1 for data in replay if data[7:11] == QOS_METHOD_ID)
-        number = self.numbers.allocate()
-        client = link.client
-        assert client is not None
-        if number is None:
-            link.state = BROKER_CLOSED
-            client.channel_lost(link)
-            return
-        link.upstream_number = number
-        self.attach(link)
-        # A fresh channel has the default prefetch. The client's own, if it set one, is in the
-        # replay, or (when the old channel had it already) must be sent again first.
-        if link.qos_pending:
-            pass
-        elif link.client_qos and link.prefetch != NO_PREFETCH:
-            count, global_ = link.prefetch
-            self.send(m.encode_method(number, commands.Basic.Qos(0, count, global_)))
-            link.qos_pending += 1
-        else:
-            link.prefetch = NO_PREFETCH
-        renumber = CHANNEL_NUMBER.pack(number)
-        for data in replay:
-            self.send(renumbered(data, renumber))
+    def release_number(self, link: ChannelLink) -> None:
+        if self.channels.get(link.upstream_number) is link:
+            del self.channels[link.upstream_number]
+            self.numbers.release(link.upstream_number)
+            if not self.channels:
+                self.idle_since = time.monotonic()
 
     def delete_queues(self, queues: set[str], links: Iterable[ChannelLink]) -> None:
         """Delete a departing client's exclusive queues, on one of its open channels here
         or else on a channel opened for just that."""
         if self.state != READY:
             return
-        # not on a reused channel still draining: an earlier client's error could close it
-        # before the broker reads the deletes
         link = next(
-            (x for x in links if x.upstream is self and x.state == OPEN and not x.markers), None
+            (x for x in links if x.upstream is self and x.up is Up.OPEN and x.client_open), None
         )
         temporary = link is None
         if link is None:
-            number = self.numbers.allocate()
-            if number is None:
+            link = self.allocate(None, 0)  # type: ignore[arg-type]
+            if link is None:
                 log.warning("no free channel to delete exclusive queues %s", sorted(queues))
                 return
-            link = ChannelLink(None, 0, self, number)
-            self.attach(link)
         for queue in sorted(queues):
             delete = commands.Queue.Delete(queue=queue, nowait=True)
-            self.send(m.encode_method(link.upstream_number, delete))
+            link.send(m.encode_method(link.upstream_number, delete))
         if temporary:
-            self.detach(link)
+            link.client_left()
 
-    def detach(self, link: ChannelLink) -> None:
-        """The client is gone: close its upstream channel unless that is already under way."""
-        link.client = None
-        if self.state != READY:
-            return
-        if link.state == OPEN:
-            self.send(
-                m.encode_method(
-                    link.upstream_number,
-                    commands.Channel.Close(m.REPLY_SUCCESS, "client disconnected", 0, 0),
-                )
-            )
-            link.state = DETACHED
-        elif link.state == CLIENT_CLOSING:
-            link.state = DETACHED
-        # BROKER_CLOSED: the upstream number was given back already.
+    def hold(self, client: ClientSide) -> None:
+        """Stop reading a client that publishes here while the broker does not read."""
+        self.held_clients.add(client)
+        client.hold_reading(self)
 
-    def _broker_closed_channel(self, link: ChannelLink, payload: memoryview) -> None:
-        """The broker closed a channel (404 and the like): confirm at once, tell the client."""
-        self.send(frame(METHOD, link.upstream_number, CHANNEL_CLOSE_OK_PAYLOAD))
-        self._release_number(link)
-        link.state = BROKER_CLOSED
-        assert link.client is not None
-        link.client.deliver(METHOD, link.client_number, payload)
-
-    def _closing_channel_method(self, link: ChannelLink, mid: int, payload: memoryview) -> None:
-        """A method on a channel the proxy is closing: the close handshake matters, and the
-        exclusive queues it may still have created."""
-        if mid == m.CHANNEL_CLOSE_OK:
-            self._release_number(link)
-            if link.state == CLIENT_CLOSING and link.client is not None:
-                link.client.channel_closed(link)
-        elif mid == m.CHANNEL_CLOSE:
-            if link.opened and not link.close_answered:
-                # Both sides closed at once: confirm theirs, wait for the CloseOk to ours.
-                link.close_answered = True
-                self.send(frame(METHOD, link.upstream_number, CHANNEL_CLOSE_OK_PAYLOAD))
-        elif mid == m.CHANNEL_OPEN_OK:
-            link.opened = True
-        elif mid == m.QUEUE_DECLARE_OK and link.declares:
-            if link.client is not None:
-                link.client.queue_declared(link, payload)
-            elif link.declares.pop(0):
-                # its client left before the DeclareOk: nobody will delete it otherwise
-                ok = m.decode_method(payload)
-                assert isinstance(ok, commands.Queue.DeclareOk)
-                self.delete_queues({ok.queue or ""}, ())
-
-    def _release_number(self, link: ChannelLink) -> None:
-        if self.channels.get(link.upstream_number) is link:
-            del self.channels[link.upstream_number]
-            self.numbers.release(link.upstream_number)
-            if not self.channels:
-                self.idle_since = time.monotonic()
+    def forget(self, client: ClientSide) -> None:
+        """A client is gone: nothing here may keep a reference to it."""
+        self.held_clients.discard(client)
+        self.blocked_clients.discard(client)
 
     def __repr__(self) -> str:
         return (

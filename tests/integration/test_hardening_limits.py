@@ -350,20 +350,18 @@ def test_upstream_max_lifetime_retires_the_connection(
     a_old.queue_declare(q)
     (old,) = p.upstream_local_ports()
     p.wait_log(r"reached its max lifetime \(2 s\): retiring it", timeout=5)
-    # the old connection keeps its channel, but takes no new ones
+    # the old connection keeps its clients, but takes no new ones
     a_old.basic_publish("", q, b"on the old connection")
     b = p.connect()  # its login is checked on a new connection too
     b.channel().basic_publish("", q, b"from b")
     ports = p.upstream_local_ports()
     assert len(ports) == 2 and old in ports, ports
     (new,) = ports - {old}
+    # a's further channels stay with its first one, where its exclusive queues would be
     a_new = a.channel()
     a_new.basic_publish("", q, b"on a's new channel")
     assert p.upstream_local_ports() == {old, new}
-    # when its last channel closes, the old connection goes
     a_old.close()
-    wait_for(lambda: p.upstream_local_ports() == {new}, 5, what="the old connection closed")
-    p.wait_log(r"closed: max lifetime of 2 s reached")
     got: list[bytes] = []
     wait_for(
         lambda: (
@@ -373,5 +371,8 @@ def test_upstream_max_lifetime_retires_the_connection(
         5,
         what="all three messages",
     )
+    # when its last client leaves, the old connection goes
     a.close()
+    wait_for(lambda: p.upstream_local_ports() == {new}, 5, what="the old connection closed")
+    p.wait_log(r"closed: max lifetime of 2 s reached")
     b.close()

@@ -43,15 +43,19 @@ def test_concurrent_clients_share_one_upstream(proxy_factory: ProxyFactory) -> N
 
 
 def test_max_upstream_channels_opens_more_connections(proxy_factory: ProxyFactory) -> None:
+    """New clients go to a connection under the limit; a client's own further channels stay on
+    its first channel's connection (where its exclusive queues are), even past the limit."""
     p: ProxyProcess = proxy_factory("-t", "30", "--max-upstream-channels", "2", direct_ok=False)
     conn = p.connect()
     other = p.connect()
+    third = p.connect()
     try:
         channels = [conn.channel() for _ in range(3)] + [other.channel() for _ in range(2)]
+        channels.append(third.channel())
         for i, ch in enumerate(channels):
             use_channel(ch, str(i))
         rows = p.wait_upstream_count(3)
-        assert sorted(r["channels"] for r in rows) == [1, 2, 2]
+        assert sorted(r["channels"] for r in rows) == [1, 2, 3]
         for i, ch in enumerate(channels):  # all five still work
             use_channel(ch, f"again-{i}")
     finally:

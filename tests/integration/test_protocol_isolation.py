@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -19,100 +18,12 @@ from .helpers import (
     ProxyFactory,
     ProxyProcess,
     RawClient,
-    RawClosed,
     Target,
     drain,
     get_all,
     queue_counts,
     wait_for,
 )
-
-BAD_INPUTS: list[tuple[str, Callable[[RawClient], None], set[int]]] = [
-    (
-        "method on a channel never opened",
-        lambda c: c.send(commands.Queue.Declare(queue="x"), 5),
-        {504},
-    ),
-    (
-        "bad frame-end octet",
-        lambda c: c.send_raw(frame.marshal(commands.Queue.Declare(queue="x"), 1)[:-1] + b"\x00"),
-        {501},
-    ),
-    (
-        "content header without a method",
-        lambda c: c.send(header.ContentHeader(0, 3, commands.Basic.Properties()), 1),
-        {505},
-    ),
-    ("content body without a method", lambda c: c.send(body.ContentBody(b"abc"), 1), {505}),
-    ("unknown frame type", lambda c: c.send_raw(b"\x09\x00\x01\x00\x00\x00\x01x\xce"), {501}),
-    (
-        "frame larger than frame_max",
-        lambda c: c.send_raw(
-            b"\x03\x00\x01" + (200000).to_bytes(4, "big") + b"x" * 200000 + b"\xce"
-        ),
-        {501},
-    ),
-    (
-        "unknown method class",
-        lambda c: c.send_raw(b"\x01\x00\x01\x00\x00\x00\x04\x00\x63\x00\x01\xce"),
-        {501, 503, 540, 0},
-    ),  # 0: RabbitMQ itself just drops the socket here
-    (
-        "body frame after a complete message",
-        lambda c: (c.publish(1, "", "itest-nowhere", b"abc"), c.send(body.ContentBody(b"x"), 1)),
-        {505},
-    ),
-]
-
-
-def close_code(c: RawClient) -> int:
-    """The reply code of the Connection.Close the server sends (0 if it only drops us)."""
-    try:
-        while True:
-            ch, m = c.read_method()
-            if isinstance(m, commands.Connection.Close):
-                assert ch == 0
-                c.send(commands.Connection.CloseOk())
-                return int(m.reply_code)
-    except (RawClosed, OSError):
-        return 0
-
-
-@pytest.mark.parametrize(
-    ("what", "send_bad", "codes"), BAD_INPUTS, ids=[w for w, _, _ in BAD_INPUTS]
-)
-def test_bad_frames_close_only_the_offender(
-    proxy_factory: ProxyFactory,
-    names: Names,
-    what: str,
-    send_bad: Callable[[RawClient], None],
-    codes: set[int],
-) -> None:
-    p = proxy_factory("-t", "60")
-    q = names.queue("bystander")
-    bystander = p.connect()
-    bch = bystander.channel()
-    bch.queue_declare(q)
-    got: list[bytes] = []
-    bch.basic_consume(q, lambda _c, _m, _p, b: got.append(b), auto_ack=True)
-    upstream = p.upstream_local_ports() if isinstance(p, ProxyProcess) else None
-    if upstream is not None:
-        assert len(upstream) == 1
-    with RawClient(p.host, p.port) as c:
-        assert "open_ok" in c.handshake()
-        c.send(commands.Channel.Open(), 1)
-        assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
-        # the offender shares the bystander's upstream connection
-        c.send(commands.Queue.Declare(queue=q, passive=True), 1)
-        assert isinstance(c.read_method()[1], commands.Queue.DeclareOk)
-        send_bad(c)
-        code = close_code(c)
-    bch.basic_publish("", q, b"still here")
-    drain(bystander, lambda: got == [b"still here"], what="the bystander's message")
-    if upstream is not None:
-        assert p.upstream_local_ports() == upstream, "upstream connection replaced"
-    assert code in codes, f"offender got {code or 'a dropped socket'}, want one of {codes}"
-    bystander.close()
 
 
 def test_client_dying_mid_message_publishes_nothing(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from pamqp import commands
 
@@ -16,7 +18,8 @@ def test_frame_roundtrip_through_pamqp() -> None:
     assert encoded[-1] == frames.FRAME_END
     payload = memoryview(encoded)[frames.HEADER_SIZE : -1]
     assert frames.method_id(payload) == 0x003C000A
-    decoded = methods.decode_method(payload)
+    assert validate.method_arguments(methods.BASIC_QOS, payload) == [0, 10, False]
+    decoded = methods.decode_broker_method(payload)
     assert isinstance(decoded, commands.Basic.Qos)
     assert decoded.prefetch_count == 10
 
@@ -51,30 +54,122 @@ def test_content_header_body_size() -> None:
     assert validate.check_content_header(payload) == 123456789
     with pytest.raises(FrameError) as err:
         validate.check_content_header(b"\x00\x3c")
-    assert err.value.code == 501
+    assert (err.value.code, err.value.text) == (
+        501,
+        "FRAME_ERROR - type 2, all octets = <<0,60>>: unknown_frame",
+    )
     with pytest.raises(FrameError) as err:  # a content header of another class
         validate.check_content_header(b"\x00\x28" + payload[2:])
-    assert err.value.code == 505
+    assert (err.value.code, err.value.class_id, err.value.method_id) == (505, 60, 40)
 
 
-def test_decode_unknown_and_malformed_methods() -> None:
+def headers_property(entries: bytes) -> bytes:
+    """A content header whose only property is a headers table with these entries."""
+    table = struct.pack(">I", len(entries)) + entries
+    return struct.pack(">HHQH", 60, 0, 1, 0x2000) + table
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        (b"L" + struct.pack(">q", -(2**63)), True),  # RabbitMQ reads 'L' as signed 64-bit
+        (b"l" + struct.pack(">q", 2**63 - 1), True),
+        (b"d" + struct.pack(">d", 1.5), True),
+        (b"d" + struct.pack(">d", float("nan")), False),  # Erlang's float pattern fails
+        (b"d" + struct.pack(">d", float("-inf")), False),
+        (b"f" + struct.pack(">f", float("inf")), False),
+        (b"f" + struct.pack(">f", -0.0), True),
+        (b"A" + struct.pack(">I", 0), True),
+        (b"F" + struct.pack(">I", 0), True),
+        (b"S" + struct.pack(">I", 0), True),
+        (b"x" + struct.pack(">I", 2) + b"\xff\x00", True),
+        (b"V", True),
+        (b"D\x02" + struct.pack(">I", 5), True),
+        (b"T" + struct.pack(">Q", 2**64 - 1), True),
+        (b"U" + struct.pack(">H", 1), False),  # not a tag RabbitMQ knows
+        (b"S" + struct.pack(">I", 5) + b"ab", False),  # runs past the table
+    ],
+)
+def test_header_field_values_as_rabbitmq_reads_them(value: bytes, accepted: bool) -> None:
+    payload = headers_property(b"\x01k" + value)
+    if accepted:
+        assert validate.check_content_header(payload) == 1
+    else:
+        with pytest.raises(FrameError) as err:
+            validate.check_content_header(payload)
+        assert (err.value.code, err.value.text) == (541, "INTERNAL_ERROR")
+
+
+def test_deeply_nested_tables_are_walked_without_recursion() -> None:
+    """RabbitMQ parses a table nested 20 000 deep; the proxy must not run out of stack."""
+    inner = b""
+    for _ in range(20000):
+        inner = b"\x00F" + struct.pack(">I", len(inner)) + inner
+    assert validate.check_content_header(headers_property(inner)) == 1
+    nested_arrays = b""
+    for _ in range(20000):
+        nested_arrays = b"A" + struct.pack(">I", len(nested_arrays)) + nested_arrays
+    assert validate.check_content_header(headers_property(b"\x01k" + nested_arrays)) == 1
+
+
+def test_method_arguments_as_rabbitmq_reads_them() -> None:
+    declare = methods.encode_method(1, commands.Queue.Declare(queue="q", exclusive=True))[7:-1]
+    assert validate.method_arguments(methods.QUEUE_DECLARE, declare)[:7] == [
+        0,
+        "q",
+        False,
+        False,
+        True,
+        False,
+        False,
+    ]
+    with pytest.raises(FrameError) as err:  # one byte too many: the broker's 501, quoted
+        validate.method_arguments(methods.QUEUE_DECLARE, declare + b"\x00")
+    assert (err.value.code, err.value.class_id, err.value.method_id) == (501, 50, 10)
+    assert err.value.text == "FRAME_ERROR - cannot decode <<0,0,1,113,4,0,0,0,0,0>>"
+    bad_utf8 = declare.replace(b"\x01q", b"\x01\x80")
     with pytest.raises(FrameError) as err:
-        methods.decode_method(b"\x00\x63\x00\x01")
-    assert err.value.code == 503
-    assert "unknown method 99.1" in err.value.text
-    with pytest.raises(FrameError) as err:
-        methods.decode_method(b"\x00\x0a\x00\x28\xff")  # Connection.Open, truncated shortstr
-    assert err.value.code == 502
-    with pytest.raises(FrameError):
-        frames.method_id(b"\x00")
+        validate.method_arguments(methods.QUEUE_DECLARE, bad_utf8)
+    assert (err.value.code, err.value.text) == (501, "FRAME_ERROR - Malformed UTF-8 in shortstr")
+    unknown_tag = declare[:-4] + struct.pack(">I", 4) + b"\x01kU\x00"
+    with pytest.raises(FrameError) as err:  # its parser crashes: the socket just closes
+        validate.method_arguments(methods.QUEUE_DECLARE, unknown_tag)
+    assert err.value.code == validate.DROP
+
+
+def test_long_reply_texts_are_cut_as_rabbitmq_cuts_them() -> None:
+    assert frames.amqp_error_text("x" * 255) == "x" * 255
+    assert frames.amqp_error_text("x" * 300) == "x" * 252 + "..."
 
 
 def test_sasl_plain_and_amqplain() -> None:
-    assert methods.parse_sasl_response("PLAIN", "\0alice\0s3cret") == ("alice", "s3cret")
+    assert methods.parse_sasl_response("PLAIN", b"\0alice\0s3cret") == ("alice", "s3cret")
     from pamqp import encode
 
     table = encode.field_table({"LOGIN": "bob", "PASSWORD": "pw\0x"})[4:]
     assert methods.parse_sasl_response("AMQPLAIN", table) == ("bob", "pw\0x")
-    for mechanism, response in [("PLAIN", "nouser"), ("AMQPLAIN", b"\x05LOG"), ("EXTERNAL", "")]:
+    for mechanism, response in [("PLAIN", b"nouser"), ("AMQPLAIN", b"\x05LOG"), ("EXTERNAL", b"")]:
         with pytest.raises(ValueError):
             methods.parse_sasl_response(mechanism, response)
+
+
+@pytest.mark.parametrize("tag", [b"t", b"b", b"B", b"s", b"u", b"I", b"i", b"l", b"L", b"f",
+                                 b"d", b"D", b"T", b"V", b"x", b"F", b"A"])  # fmt: skip
+@pytest.mark.parametrize("field", [b"LOGIN", b"PASSWORD"])
+def test_amqplain_fields_must_be_long_strings(tag: bytes, field: bytes) -> None:
+    """A LOGIN of type I claiming 512 MiB must be refused, not allocated."""
+    values = {
+        b"t": b"\x01", b"b": b"\x01", b"B": b"\x01", b"s": b"\x00\x01", b"u": b"\x00\x01",
+        b"I": struct.pack(">I", 2**29), b"i": struct.pack(">I", 2**29),
+        b"l": struct.pack(">q", 2**29), b"L": struct.pack(">q", 2**29),
+        b"f": struct.pack(">f", 1.0), b"d": struct.pack(">d", 1.0), b"D": b"\x00" * 5,
+        b"T": struct.pack(">Q", 2**29), b"V": b"", b"x": struct.pack(">I", 1) + b"u",
+        b"F": struct.pack(">I", 0), b"A": struct.pack(">I", 0),
+    }  # fmt: skip
+    other = b"PASSWORD" if field == b"LOGIN" else b"LOGIN"
+    response = (
+        bytes([len(field)]) + field + tag + values[tag]
+        + bytes([len(other)]) + other + b"S" + struct.pack(">I", 1) + b"u"
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="is not a long string"):
+        methods.parse_sasl_response("AMQPLAIN", response)

@@ -95,4 +95,13 @@ def test_oversized_frame_is_refused_before_it_arrives() -> None:
     proto.data_received(frame(METHOD, 1, b"ok")[:5])
     proto.data_received(frame(METHOD, 1, b"ok")[5:] + frame(BODY, 1, b"x" * 5000)[:100])
     assert proto.frames == [(METHOD, 1, b"ok")]
-    assert "exceeds frame_max 4096" in proto.errors[0].text
+    assert "{frame_too_large,5000,4088}" in proto.errors[0].text
+
+
+def test_a_payload_may_reach_frame_max_itself() -> None:
+    """RabbitMQ accepts payloads up to frame_max (not frame_max - 8): so does the proxy."""
+    proto = Recorder()
+    proto.frame_max = 4096
+    proto.data_received(frame(BODY, 1, b"x" * 4096) + frame(BODY, 1, b"x" * 4097))
+    assert proto.frames == [(BODY, 1, b"x" * 4096)]
+    assert "{frame_too_large,4097,4088}" in proto.errors[0].text
