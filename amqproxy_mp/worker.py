@@ -140,6 +140,8 @@ class Worker:
             max_lifetime=config.upstream_max_lifetime,
         )
         self.sessions: set[ClientSession] = set()
+        #: Sessions past Connection.OpenOk (what max_client_connections limits).
+        self.active_sessions = 0
         self.exchange_types = ExchangeTypes(self.pools)
         self.connection_start = m.encode_method(
             0,

@@ -325,6 +325,7 @@ class ChannelLink:
             if not any(request[0] is Request.MARKER for request in self.requests):
                 self._send_marker()
         else:
+            assert upstream.pool is not None  # a connection with channels has its vhost open
             upstream.pool.park(self)
 
     def close_parked(self) -> None:

@@ -44,10 +44,10 @@ from amqproxy_mp.proxy.channels import (
     Request,
     Up,
 )
-from amqproxy_mp.proxy.upstream import UpstreamError
+from amqproxy_mp.proxy.upstream import Login, UpstreamError
 
 if TYPE_CHECKING:
-    from amqproxy_mp.proxy.pool import Pool
+    from amqproxy_mp.proxy.pool import PendingLogin, Pool
     from amqproxy_mp.proxy.upstream import UpstreamConnection
     from amqproxy_mp.worker import Worker
 
@@ -143,6 +143,10 @@ class ClientSession(FramedProtocol):
         self._password = ""
         self.capabilities: set[str] = set()
         self.pool: Pool | None = None
+        #: The broker's check of this client's login, until its Connection.Open.
+        self._login: PendingLogin | None = None
+        #: Why that check could not be made (answered at Connection.Open).
+        self._upstream_failure: UpstreamError | None = None
         self.channels: dict[int, ChannelLink] = {}
         #: The upstream connection this client's channels go to, so that they share its
         #: exclusive queues (set by its first channel).
@@ -188,8 +192,10 @@ class ClientSession(FramedProtocol):
         for task in self._tasks:
             task.cancel()
         self.worker.sessions.discard(self)
+        self._release_login()
         if self.pool is not None:
             self.pool.clients -= 1
+            self.worker.active_sessions -= 1
             self.worker.pools.forget_if_unused(self.pool)
             log.info(
                 "client %s (user=%r vhost=%r) connected for %.1f s, disconnected: %s",
@@ -753,15 +759,57 @@ class ClientSession(FramedProtocol):
         self.close_transport()
 
     def _start_ok(self, arguments: list[Any], payload: memoryview) -> None:
+        """Check the login now, as the broker does: a refusal answers StartOk."""
         self.capabilities = m.client_capabilities(arguments, payload)
+        mechanism = str(arguments[1])
         try:
-            self.user, self._password = m.parse_sasl_response(str(arguments[1]), arguments[2])
+            self.user, self._password = m.parse_sasl_response(mechanism, arguments[2])
         except ValueError as exc:
-            log.warning("client %s: authentication failed: %s", self.peer, exc)
-            self.close_with(m.ACCESS_REFUSED, f"ACCESS_REFUSED - {exc}", 10, 11, kind="auth_failed")
+            self._refuse_login(UpstreamError(m.ACCESS_REFUSED, f"ACCESS_REFUSED - {exc}"))
             return
+        self.run_paused(self._check_login(Login(self.user, self._password, mechanism)))
+
+    async def _check_login(self, login: Login) -> None:
+        """Known-good credentials (a live upstream connection was opened with them) are
+        accepted at once; others are put to the broker on an upstream connection that stops
+        after Tune, which Connection.Open then completes (see Pools.login)."""
+        pools = self.worker.pools
+        if not pools.verified(login.user, login.password):
+            self._login = pools.login(login)
+            try:
+                await asyncio.shield(self._login.task)
+            except UpstreamError as exc:
+                if exc.code == m.ACCESS_REFUSED:
+                    self._refuse_login(exc)
+                    return
+                # Not a refusal (the broker is unreachable...): answered at Connection.Open,
+                # where clients expect it, not as if the login had been refused.
+                self._upstream_failure = exc
         self.send(self.worker.connection_tune)
         self.phase = Phase.TUNE_OK
+
+    def _refuse_login(self, exc: UpstreamError) -> None:
+        self._release_login()
+        if exc.code == m.ACCESS_REFUSED:
+            self.stats.auth_failures[str(exc.code)] += 1
+            log.warning(
+                "client %s: authentication failed for user=%r: %s", self.peer, self.user, exc.text
+            )
+            if "authentication_failure_close" not in self.capabilities:
+                # RabbitMQ just drops such a client (it cannot tell a Close from a failure)
+                self._ending("auth_failed", f"login refused: {exc.text}")
+                self.abort()
+                return
+        self.close_with(
+            exc.code,
+            exc.text,
+            kind="auth_failed" if exc.code == m.ACCESS_REFUSED else "upstream_closed",
+        )
+
+    def _release_login(self) -> None:
+        if self._login is not None:
+            self._login.release()
+            self._login = None
 
     def _tune_ok(self, channel_max: int, frame_max: int, heartbeat: int) -> None:
         frame_max = frame_max or DEFAULT_FRAME_MAX
@@ -777,8 +825,10 @@ class ClientSession(FramedProtocol):
         self.phase = Phase.OPEN
 
     async def _authenticate(self) -> None:
+        """Connection.Open: the client's pool must have a connection open on its vhost, or
+        one is opened now (on the connection its login was checked on, if it has one)."""
         limit = self.worker.config.max_client_connections
-        if limit and len(self.worker.sessions) > limit:
+        if limit and self.worker.active_sessions >= limit:
             log.warning("client %s refused: max_client_connections (%d) reached", self.peer, limit)
             self.close_with(
                 m.NOT_ALLOWED,
@@ -786,32 +836,33 @@ class ClientSession(FramedProtocol):
                 10, 40, kind="connection_limit",
             )  # fmt: skip
             return
-        pool = self.worker.pools.get((self.user, self._password, self.vhost))
+        pools = self.worker.pools
+        pool = pools.get((self.user, self._password, self.vhost))
+        tuned = self._login.claim() if self._login is not None else None
+        self._release_login()
         try:
-            await pool.authenticate()
+            if self._upstream_failure is not None:
+                raise self._upstream_failure
+            await pool.authenticate(tuned)
         except UpstreamError as exc:
-            self.worker.pools.forget_if_unused(pool)
-            if exc.code in (m.ACCESS_REFUSED, m.NOT_ALLOWED):
-                log.warning(
-                    "client %s: authentication failed for user=%r vhost=%r: %s %s",
-                    self.peer,
-                    self.user,
-                    self.vhost,
-                    exc.code,
-                    exc.text,
-                )
+            pools.forget_if_unused(pool)
             refused = exc.code in (m.ACCESS_REFUSED, m.NOT_ALLOWED)
             if refused:
                 self.stats.auth_failures[str(exc.code)] += 1
+                log.warning(
+                    "client %s: authentication failed for user=%r vhost=%r: %s %s",
+                    self.peer, self.user, self.vhost, exc.code, exc.text,
+                )  # fmt: skip
             self.close_with(
                 exc.code, exc.text, 10, 40, kind="auth_failed" if refused else "upstream_closed"
             )
             return
         if self.phase is not Phase.OPENING:
-            self.worker.pools.forget_if_unused(pool)
+            pools.forget_if_unused(pool)
             return
         self.pool = pool
         pool.clients += 1
+        self.worker.active_sessions += 1
         self.phase = Phase.ACTIVE
         self.send(CONNECTION_OPEN_OK)
         # one INFO line per client, when it leaves (PHP-FPM opens thousands a second)

@@ -18,7 +18,7 @@ from amqproxy_mp.amqp import methods as m
 from amqproxy_mp.amqp.frames import METHOD, frame
 from amqproxy_mp.amqp.methods import commands
 from amqproxy_mp.proxy.pool import Pool, Pools
-from amqproxy_mp.proxy.upstream import UpstreamError, open_upstream
+from amqproxy_mp.proxy.upstream import Login, UpstreamError, open_upstream
 
 if TYPE_CHECKING:
     from amqproxy_mp.proxy.channels import ChannelLink
@@ -77,8 +77,10 @@ class ExchangeTypes:
         """Declare a throwaway exchange of that type on a disposable connection; returns the
         connection-level refusal, or None when the type is accepted (a channel-level error,
         e.g. about arguments, is left for the client's own declare to meet)."""
+        pools = self.pools
+        login = Login(pool.user, pool.password)
         conn = await open_upstream(
-            self.pools.loop, self.pools.settings, Pool(self.pools, pool.credentials)
+            pools.loop, pools.settings, pools.stats, login, Pool(pools, pool.credentials)
         )
         name = f"amqproxy-mp-probe-{uuid.uuid4().hex}"
         try:

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING
 from amqproxy_mp.amqp.methods import RESOURCE_ERROR
 from amqproxy_mp.metrics import Stats
 from amqproxy_mp.proxy.upstream import (
+    Login,
     UpstreamConnection,
     UpstreamError,
     UpstreamSettings,
+    complete_upstream,
     open_upstream,
 )
 
@@ -49,10 +51,15 @@ class Pool:
         #: Clean upstream channels whose clients left, most recently parked last.
         self.parked: list[ChannelLink] = []
 
-    async def authenticate(self) -> None:
-        """Succeed when the broker accepts these credentials (a pooled connection proves it)."""
-        if not any(conn.is_usable for conn in self.connections):
-            await self.open_connection()
+    async def authenticate(self, tuned: UpstreamConnection | None = None) -> None:
+        """Succeed when the broker lets these credentials open this vhost (a pooled
+        connection proves it). `tuned`: a connection whose login the broker accepted, to
+        open the vhost on rather than asking the broker to check the login again."""
+        if any(conn.is_usable for conn in self.connections):
+            if tuned is not None:
+                tuned.abort()
+            return
+        await self.open_connection(tuned)
 
     def park(self, link: ChannelLink) -> None:
         """Keep a clean channel whose client left for the next client of the pool."""
@@ -97,16 +104,23 @@ class Pool:
             await self.open_connection()
         return link
 
-    async def open_connection(self) -> UpstreamConnection:
+    async def open_connection(self, tuned: UpstreamConnection | None = None) -> UpstreamConnection:
         """Open one more upstream connection; concurrent callers share the same attempt."""
         if self._opening is None:
-            self._opening = asyncio.ensure_future(self._open())
+            self._opening = asyncio.ensure_future(self._open(tuned))
+        elif tuned is not None:
+            tuned.abort()  # another client's attempt is under way already
         opening = self._opening
         return await asyncio.shield(opening)
 
-    async def _open(self) -> UpstreamConnection:
+    async def _open(self, tuned: UpstreamConnection | None) -> UpstreamConnection:
+        pools = self.pools
         try:
-            conn = await open_upstream(self.pools.loop, self.pools.settings, self)
+            if tuned is not None:
+                conn = await complete_upstream(tuned, self)
+            else:
+                login = Login(self.user, self.password)
+                conn = await open_upstream(pools.loop, pools.settings, pools.stats, login, self)
             self.connections.append(conn)
             return conn
         finally:
@@ -155,6 +169,43 @@ class Pool:
         return f"<Pool user={self.user!r} vhost={self.vhost!r} connections={len(self.connections)}>"
 
 
+class PendingLogin:
+    """The broker is asked, once for all clients presenting the same credentials at the same
+    time, whether it accepts a login: an upstream connection whose handshake stops after
+    Tune. The first of these clients to send Connection.Open opens its vhost on it."""
+
+    def __init__(self, pools: Pools, login: Login) -> None:
+        self.key = (login.user, login.password)
+        self.task = asyncio.ensure_future(
+            open_upstream(pools.loop, pools.settings, pools.stats, login, None)
+        )
+        self.task.add_done_callback(lambda _: pools.logins.pop(self.key, None))
+        #: Clients waiting for the verdict or holding it until their Connection.Open.
+        self.holders = 0
+        self.claimed = False
+
+    def claim(self) -> UpstreamConnection | None:
+        """The accepted connection, for the first client that opens a vhost."""
+        task = self.task
+        if self.claimed or not task.done() or task.cancelled() or task.exception():
+            return None
+        conn = task.result()
+        if conn.closed or conn.ready.done():
+            return None
+        self.claimed = True
+        return conn
+
+    def release(self) -> None:
+        """A holder is done with it; the last one closes an unclaimed connection."""
+        self.holders -= 1
+        if self.holders > 0 or self.claimed:
+            return
+        if not self.task.done():
+            self.task.cancel()
+        elif not self.task.cancelled() and not self.task.exception():
+            self.task.result().abort()
+
+
 class Pools:
     """All pools of one worker."""
 
@@ -174,6 +225,25 @@ class Pools:
         #: Seconds after which an upstream connection takes no new channels (0: never).
         self.max_lifetime = max_lifetime
         self._pools: dict[Credentials, Pool] = {}
+        #: Logins being checked, by (user, password).
+        self.logins: dict[tuple[str, str], PendingLogin] = {}
+
+    def verified(self, user: str, password: str) -> bool:
+        """A live upstream connection was opened with exactly these credentials."""
+        return any(
+            pool.user == user
+            and pool.password == password
+            and any(conn.is_usable for conn in pool.connections)
+            for pool in self._pools.values()
+        )
+
+    def login(self, login: Login) -> PendingLogin:
+        """The check of a login by the broker, shared with the clients already waiting."""
+        pending = self.logins.get((login.user, login.password))
+        if pending is None:
+            pending = self.logins[login.user, login.password] = PendingLogin(self, login)
+        pending.holders += 1
+        return pending
 
     def get(self, credentials: Credentials) -> Pool:
         pool = self._pools.get(credentials)

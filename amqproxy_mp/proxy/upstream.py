@@ -11,6 +11,7 @@ import asyncio
 import logging
 import platform
 import ssl
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from amqproxy_mp.proxy.channels import (
 )
 
 if TYPE_CHECKING:
+    from amqproxy_mp.metrics import Stats
     from amqproxy_mp.proxy.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -86,70 +88,136 @@ class UpstreamSettings:
         return f"{scheme}://{host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class Login:
+    """Who an upstream connection logs in as: the client's own credentials and mechanism."""
+
+    user: str
+    password: str
+    mechanism: str = "PLAIN"
+
+    def response(self) -> bytes:
+        if self.mechanism == "AMQPLAIN":
+            return b"".join(
+                bytes([len(key)]) + key + b"S" + struct.pack(">I", len(value)) + value
+                for key, value in (
+                    (b"LOGIN", self.user.encode()),
+                    (b"PASSWORD", self.password.encode()),
+                )
+            )
+        return f"\0{self.user}\0{self.password}".encode()
+
+
 async def open_upstream(
     loop: asyncio.AbstractEventLoop,
     settings: UpstreamSettings,
-    pool: Pool,
+    stats: Stats,
+    login: Login,
+    pool: Pool | None,
 ) -> UpstreamConnection:
-    """Connect and complete the AMQP handshake, or raise UpstreamError within the timeout."""
-    stats = pool.pools.stats
+    """Connect and run the handshake within the connect timeout, or raise UpstreamError:
+    through Connection.OpenOk for `pool`'s vhost, or, without a pool, only until the broker
+    has accepted the login (its Tune); `complete_upstream` then opens a vhost on it."""
     started = time.monotonic()
     conn: UpstreamConnection | None = None
+    vhost = pool.vhost if pool is not None else None
     try:
         async with asyncio.timeout(settings.connect_timeout):
             _, conn = await loop.create_connection(
-                lambda: UpstreamConnection(loop, settings, pool),
+                lambda: UpstreamConnection(loop, settings, stats, login, pool),
                 settings.host,
                 settings.port,
                 ssl=settings.ssl_context,
                 server_hostname=settings.host if settings.ssl_context else None,
             )
+            await (conn.tuned if pool is None else conn.ready)
+    except BaseException as exc:
+        raise _failure(settings, stats, login.user, vhost, exc, conn) from None
+    if pool is not None:
+        _opened(conn, started)
+    return conn
+
+
+async def complete_upstream(conn: UpstreamConnection, pool: Pool) -> UpstreamConnection:
+    """Open `pool`'s vhost on a connection whose login the broker accepted."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(conn.settings.connect_timeout):
+            conn.open_vhost(pool)
             await conn.ready
-    except UpstreamError as exc:
+    except BaseException as exc:
+        raise _failure(conn.settings, conn.stats, pool.user, pool.vhost, exc, conn) from None
+    _opened(conn, started)
+    return conn
+
+
+def _opened(conn: UpstreamConnection, started: float) -> None:
+    elapsed = time.monotonic() - started
+    conn.stats.upstream_connect_seconds.append(elapsed)
+    log.info(
+        "upstream connection opened to %s (local port %s, %.1f ms)",
+        conn.name,
+        conn.local_port,
+        elapsed * 1000,
+    )
+
+
+def _failure(
+    settings: UpstreamSettings,
+    stats: Stats,
+    user: str,
+    vhost: str | None,
+    exc: BaseException,
+    conn: UpstreamConnection | None,
+) -> BaseException:
+    """The error a failed connection attempt raises, counted and logged."""
+    if isinstance(exc, UpstreamError):
         refused = exc.code in (m.ACCESS_REFUSED, m.NOT_ALLOWED)
         stats.upstream_errors["refused" if refused else "closed_by_broker"] += 1
-        raise
-    except TimeoutError:
+        return exc
+    if isinstance(exc, TimeoutError):
         kind, reason = "timeout", f"did not answer within {settings.connect_timeout:g} s"
-    except ssl.SSLCertVerificationError as exc:
+    elif isinstance(exc, ssl.SSLCertVerificationError):
         kind, reason = "tls", f"certificate verification failed: {exc.verify_message}"
-    except ssl.SSLError as exc:
+    elif isinstance(exc, ssl.SSLError):
         kind, reason = "tls", f"TLS handshake failed: {exc.reason or exc}"
-    except OSError as exc:
+    elif isinstance(exc, OSError):
         kind, reason = "unreachable", f"unreachable: {exc.strerror or exc}"
-    else:
-        elapsed = time.monotonic() - started
-        stats.upstream_connect_seconds.append(elapsed)
-        log.info(
-            "upstream connection opened to %s for user=%r vhost=%r (local port %s, %.1f ms)",
-            settings.address,
-            pool.user,
-            pool.vhost,
-            conn.local_port,
-            elapsed * 1000,
-        )
-        return conn
+    else:  # cancelled (the client left), or a bug
+        if conn is not None:
+            conn.abort()
+        return exc
     if conn is not None:
         conn.abort()
     stats.upstream_errors[kind] += 1
-    log.error(
-        "upstream %s for user=%r vhost=%r: %s", settings.address, pool.user, pool.vhost, reason
-    )
-    raise UpstreamError(
+    who = f"user={user!r}" if vhost is None else f"user={user!r} vhost={vhost!r}"
+    log.error("upstream %s for %s: %s", settings.address, who, reason)
+    return UpstreamError(
         m.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream {settings.address} {reason}"
     )
 
 
 class UpstreamConnection(FramedProtocol):
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, settings: UpstreamSettings, pool: Pool
+        self,
+        loop: asyncio.AbstractEventLoop,
+        settings: UpstreamSettings,
+        stats: Stats,
+        login: Login,
+        pool: Pool | None,
     ) -> None:
         super().__init__(loop)
         self.settings = settings
-        self.pool = pool
+        self.login = login
+        #: The pool it belongs to, once a vhost is open on it (see open_vhost).
+        self.pool: Pool | None = pool
         self.frame_max = DEFAULT_FRAME_MAX  # until Tune says otherwise
         self.state = HANDSHAKE
+        #: The broker accepted the login (its Tune arrived).
+        self.tuned: asyncio.Future[None] = loop.create_future()
+        #: The vhost is open (OpenOk).
         self.ready: asyncio.Future[None] = loop.create_future()
+        self._tune_ok = b""
         self.channels: dict[int, ChannelLink] = {}
         self.numbers = ChannelNumbers(0)
         #: Reason given by Connection.Blocked while the broker blocks publishers, else None.
@@ -160,9 +228,11 @@ class UpstreamConnection(FramedProtocol):
         #: Past max_upstream_lifetime: takes no new channels, closes when empty.
         self.retired = False
         self.local_port: int | None = None
-        self.stats = pool.pools.stats
+        self.stats = stats
         #: How log lines name this connection.
-        self.name = f"{settings.address} (user={pool.user!r} vhost={pool.vhost!r})"
+        self.name = f"{settings.address} (user={login.user!r})"
+        if pool is not None:
+            self.name = f"{settings.address} (user={pool.user!r} vhost={pool.vhost!r})"
         #: Exclusive queues declared through this connection, and the client that owns each.
         self.exclusive_owners: dict[str, ClientSide] = {}
         #: Clients told that this connection is blocked (told again when it is unblocked,
@@ -197,12 +267,11 @@ class UpstreamConnection(FramedProtocol):
         self.state = CLOSED
         self.closed = True
         if was == HANDSHAKE:
-            if not self.ready.done():
-                self.ready.set_exception(self._handshake_failure(exc))
+            self._handshake_failed(self._handshake_failure(exc))
             return
-        self.pool.connection_gone(self)
+        self._leave_pool()
         if was == READY:
-            self.pool.pools.stats.upstream_errors["lost"] += 1
+            self.stats.upstream_errors["lost"] += 1
             reason = f"connection lost: {exc}" if exc else "connection closed by broker"
             log.warning(
                 "upstream connection to %s %s",
@@ -238,7 +307,7 @@ class UpstreamConnection(FramedProtocol):
             return
         self.state = CLOSING
         self._close_reason = reason
-        self.pool.connection_gone(self)
+        self._leave_pool()
         self.send(m.encode_method(0, commands.Connection.Close(m.REPLY_SUCCESS, reason, 0, 0)))
         self.loop.call_later(5.0, self.abort)
 
@@ -315,20 +384,18 @@ class UpstreamConnection(FramedProtocol):
             assert isinstance(method, commands.Connection.Close)
             self.send(m.encode_method(0, commands.Connection.CloseOk()))
             self.close_transport()
-            if not self.ready.done():
-                self.ready.set_exception(UpstreamError(method.reply_code or 0, method.reply_text))
+            self._handshake_failed(UpstreamError(method.reply_code or 0, method.reply_text))
             return
         if index != self._handshake_step:
             raise FrameError(m.COMMAND_INVALID, f"COMMAND_INVALID - unexpected {method.name}")
         if isinstance(method, commands.Connection.Start):
-            user, password = self.pool.user, self.pool.password
             self.send(
                 m.encode_method(
                     0,
                     commands.Connection.StartOk(
                         client_properties=CLIENT_PROPERTIES,
-                        mechanism="PLAIN",
-                        response=f"\0{user}\0{password}",
+                        mechanism=self.login.mechanism,
+                        response=self.login.response().decode("latin-1"),
                     ),
                 )
             )
@@ -340,21 +407,39 @@ class UpstreamConnection(FramedProtocol):
             self.numbers = ChannelNumbers(channel_max)
             self.frame_max = method.frame_max or DEFAULT_FRAME_MAX
             self.heartbeat = self.settings.heartbeat
-            self.send(
-                m.encode_method(
-                    0,
-                    commands.Connection.TuneOk(
-                        channel_max=channel_max, frame_max=self.frame_max, heartbeat=self.heartbeat
-                    ),
-                )
+            self._tune_ok = m.encode_method(
+                0,
+                commands.Connection.TuneOk(
+                    channel_max=channel_max, frame_max=self.frame_max, heartbeat=self.heartbeat
+                ),
             )
-            self.send(m.encode_method(0, commands.Connection.Open(virtual_host=self.pool.vhost)))
             self._handshake_step = m.CONNECTION_OPEN_OK
+            self.tuned.set_result(None)
+            if self.pool is not None:
+                self.open_vhost(self.pool)
         elif isinstance(method, commands.Connection.OpenOk):
             self.state = READY
             self.idle_since = time.monotonic()
             if not self.ready.done():
                 self.ready.set_result(None)
+
+    def _leave_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.connection_gone(self)
+
+    def open_vhost(self, pool: Pool) -> None:
+        """The login is accepted: finish the handshake with the pool's vhost."""
+        self.pool = pool
+        self.name = f"{self.settings.address} (user={pool.user!r} vhost={pool.vhost!r})"
+        if self.tuned.done() and not self.closed:
+            self.send(self._tune_ok)
+            self.send(m.encode_method(0, commands.Connection.Open(virtual_host=pool.vhost)))
+
+    def _handshake_failed(self, exc: Exception) -> None:
+        for future in (self.tuned, self.ready):
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # (retrieved: only the first one is awaited)
 
     def _connection_method(self, payload: memoryview) -> None:
         mid = method_id(payload)
@@ -371,7 +456,7 @@ class UpstreamConnection(FramedProtocol):
             )
             self._close_reason = f"closed by broker: {close.reply_code} {close.reply_text}"
             self.state = CLOSED
-            self.pool.connection_gone(self)
+            self._leave_pool()
             self._close_clients(
                 close.reply_code or 0, close.reply_text, close.class_id or 0, close.method_id or 0
             )
@@ -438,7 +523,7 @@ class UpstreamConnection(FramedProtocol):
         if self.state == CLOSED:
             return
         self.state = CLOSED
-        self.pool.connection_gone(self)
+        self._leave_pool()
         self._close_clients(code, text, 0, 0)
         self.abort()
 
@@ -520,6 +605,5 @@ class UpstreamConnection(FramedProtocol):
 
     def __repr__(self) -> str:
         return (
-            f"<UpstreamConnection {self.settings.address} user={self.pool.user!r} "
-            f"vhost={self.pool.vhost!r} port={self.local_port} channels={len(self.channels)}>"
+            f"<UpstreamConnection {self.name} port={self.local_port} channels={len(self.channels)}>"
         )

@@ -169,13 +169,18 @@ def test_upstream_connect_timeout_gives_clients_320_in_time(
         assert isinstance(p, ProxyProcess)
         text = f"CONNECTION_FORCED - upstream {upstream} did not answer within 1 s"
         clients = [RawClient(p.host, p.port, timeout=10) for _ in range(3)]
-        for c in clients:  # all three wait for the same connection attempt
+        for c in clients:
             c.send_raw(b"AMQP\x00\x00\x09\x01")
             c.read_method()
-            c.send(commands.Connection.StartOk({}, "PLAIN", "\0guest\0guest"))
-            tune = c.read_method()[1]
-            c.send(commands.Connection.TuneOk(tune.channel_max, tune.frame_max, 0))
+        # the login is put to the broker at StartOk: all three wait for the same attempt
         started = time.monotonic()
+        for c in clients:
+            c.send(commands.Connection.StartOk({}, "PLAIN", "\0guest\0guest"))
+        for c in clients:
+            tune = c.read_method()[1]
+            assert 0.8 <= time.monotonic() - started < 2.0
+            c.send(commands.Connection.TuneOk(tune.channel_max, tune.frame_max, 0))
+        # ... and since it was no refusal of the login, they learn why at Connection.Open
         for c in clients:
             c.send(commands.Connection.Open("/"))
         for c in clients:
@@ -197,7 +202,7 @@ def test_upstream_connect_timeout_gives_clients_320_in_time(
             p.connect().close()
         assert time.monotonic() - started < 2.5
         assert close_reason(info.value) == (320, text)
-        p.wait_log(rf"upstream {upstream} for user='guest' vhost='/': did not answer within 1 s")
+        p.wait_log(rf"upstream {upstream} for user='guest': did not answer within 1 s")
         wait_metric(p, 2, "amqproxy_upstream_errors_total", reason="timeout")
 
 
