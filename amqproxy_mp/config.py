@@ -69,6 +69,7 @@ class Config:
     upstream_heartbeat: int = 60
     client_handshake_timeout: float = 10.0
     client_max_buffer: int = 32 * 1024 * 1024
+    consumer_window: int = 1000
     max_message_size: int = 128 * 1024 * 1024
     upstream_connect_timeout: float = 10.0
     upstream_tls_ca_file: str | None = None
@@ -415,6 +416,14 @@ OPTIONS: tuple[Option, ...] = (
         help="bytes the proxy holds for a client that does not read fast enough; a client "
         "over it is disconnected, so it cannot stall or bloat the shared upstream connection",
         metavar="BYTES", yaml_types=(int,), default_text="33554432 (32 MiB)",
+    ),
+    _opt(
+        "consumer_window", _int_in(1, 65535), "an integer 1..65535",
+        help="deliveries a consumer may have in flight upstream when its client set no limit: "
+        "an auto-ack consumer is consumed upstream with acks, sent as each delivery reaches "
+        "the client's socket, and a prefetch-0 consumer gets this prefetch, so a consumer "
+        "that reads slowly is slowed down, not disconnected, and loses nothing",
+        metavar="N", yaml_types=(int,),
     ),
     _opt(
         "max_message_size", _int_in(0, 2**63 - 1), "a number of bytes",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, Protocol
@@ -73,6 +74,10 @@ class Request(enum.Enum):
     EXCLUSIVE_UNASKED = "exclusive-unasked"
     #: A Basic.Consume with a server-chosen tag: the tag in the ConsumeOk is the client's.
     CONSUME = "consume"
+    #: The same for a consumer the client made with no_ack, which the proxy acks for it.
+    CONSUME_AUTO_ACK = "consume-auto-ack"
+    #: The same, asked by the proxy for a client's nowait consume: the reply is dropped.
+    CONSUME_AUTO_ACK_UNASKED = "consume-auto-ack-unasked"
 
 
 class ClientSide(Protocol):
@@ -91,6 +96,8 @@ class ClientSide(Protocol):
 
     def exclusive_declared(self, link: ChannelLink, queue: str) -> None: ...
 
+    def acks_due(self, link: ChannelLink) -> None: ...
+
     def upstream_blocked(self, upstream: UpstreamConnection) -> None: ...
 
     def upstream_unblocked(self, upstream: UpstreamConnection) -> None: ...
@@ -102,10 +109,18 @@ class ClientSide(Protocol):
     def close_with(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None: ...
 
 
+_CONSUMES: Final = frozenset(
+    (Request.CONSUME, Request.CONSUME_AUTO_ACK, Request.CONSUME_AUTO_ACK_UNASKED)
+)
+
 NO_CONTENT: Final = -1
 HEADER_EXPECTED: Final = -2
 #: More body than the header announced: RabbitMQ waits for the rest forever (see client.py).
 WEDGED: Final = 1 << 66
+_U64 = struct.Struct(">Q")
+#: Basic.Ack's method id, and its flags octet when it acks one delivery.
+ACK_METHOD: Final = m.BASIC_ACK.to_bytes(4, "big")
+ACK_ONE: Final = b"\x00"
 
 
 class ChannelNumbers:
@@ -141,6 +156,8 @@ class ChannelLink:
     """One client channel mapped onto one upstream channel."""
 
     __slots__ = (
+        "auto_ack_tags",
+        "auto_acks",
         "awaits_close_ok",
         "client",
         "client_number",
@@ -151,6 +168,8 @@ class ChannelLink:
         "consumer_tags",
         "content_expected",
         "content_parts",
+        "delivering",
+        "delivery_left",
         "forwarding",
         "global_prefetch",
         "global_qos_set",
@@ -213,6 +232,14 @@ class ChannelLink:
         self.consumer_qos_set = False
         self.global_qos_set = False
         self.parked_since = 0.0
+        #: Consumers the client made with no_ack: the proxy consumes them with acks.
+        self.auto_ack_tags: set[str] | None = None
+        #: The delivery tag of such a consumer's message on its way to the client, and how
+        #: much of its content is still to come (HEADER_EXPECTED: its header).
+        self.delivering = 0
+        self.delivery_left = NO_CONTENT
+        #: Deliveries handed to the client, to ack once they have left for its socket.
+        self.auto_acks: list[int] = []
 
     # --- sending upstream -------------------------------------------------------------------
 
@@ -378,6 +405,8 @@ class ChannelLink:
             return
         elif mid == m.BASIC_DELIVER or mid == m.BASIC_GET_OK:
             self.upstream.stats.delivered += 1
+            if self.auto_ack_tags and forward and mid == m.BASIC_DELIVER:
+                self._delivery_started(payload)
         elif mid == m.BASIC_CANCEL:
             self._forget_tag(payload)
             if forward and "consumer_cancel_notify" not in self.client.capabilities:  # type: ignore[union-attr]
@@ -407,14 +436,68 @@ class ChannelLink:
             else:  # its client left before the DeclareOk: nobody else will delete it
                 self.upstream.delete_queues({queue}, ())
             return kind is Request.EXCLUSIVE and client is not None
-        if kind is Request.CONSUME:
+        if kind in _CONSUMES:
             ok = m.decode_broker_method(payload)
             assert isinstance(ok, m.commands.Basic.ConsumeOk)
-            if self.consumer_tags is None:
-                self.consumer_tags = set()
-            self.consumer_tags.add(ok.consumer_tag or "")
-            return client is not None and not self.awaits_close_ok
+            self.consumer_started(ok.consumer_tag or "", kind is not Request.CONSUME)
+            return kind is not Request.CONSUME_AUTO_ACK_UNASKED and (
+                client is not None and not self.awaits_close_ok
+            )
         return False  # OPEN, DROP, MARKER
+
+    def consumer_started(self, tag: str, auto_ack: bool) -> None:
+        if self.consumer_tags is None:
+            self.consumer_tags = set()
+        self.consumer_tags.add(tag)
+        if auto_ack:
+            if self.auto_ack_tags is None:
+                self.auto_ack_tags = set()
+            self.auto_ack_tags.add(tag)
+
+    # --- deliveries of consumers the proxy acks for their clients -----------------------------
+
+    def _delivery_started(self, payload: memoryview) -> None:
+        length = payload[4]
+        tag = bytes(payload[5 : 5 + length]).decode("utf-8", "surrogateescape")
+        if tag in self.auto_ack_tags:  # type: ignore[operator]
+            self.delivering = _U64.unpack_from(payload, 5 + length)[0]
+            self.delivery_left = HEADER_EXPECTED
+
+    def content_forwarded(self, frame_type: int, payload: memoryview) -> None:
+        """A content frame of the delivery in `delivering` went to the client."""
+        if self.delivery_left == HEADER_EXPECTED:
+            self.delivery_left = _U64.unpack_from(payload, 4)[0]
+        else:
+            self.delivery_left -= len(payload)
+        if self.delivery_left <= 0:
+            self.auto_acks.append(self.delivering)
+            self.delivering = 0
+            self.delivery_left = NO_CONTENT
+            if self.client is not None:
+                self.client.acks_due(self)
+
+    def send_auto_acks(self) -> None:
+        """The client's socket has taken these deliveries: ack them upstream, where the
+        proxy consumed them with acks on the client's behalf."""
+        if self.up is Up.OPEN:
+            number = self.upstream_number
+            self.upstream.send(
+                b"".join(
+                    frame(METHOD, number, ACK_METHOD + _U64.pack(tag) + ACK_ONE)
+                    for tag in self.auto_acks
+                )
+            )
+        self.auto_acks.clear()
+
+    def client_acked(self, payload: memoryview) -> None:
+        """The client acked (or nacked) deliveries itself: those need no ack of ours."""
+        if not self.auto_acks:
+            return
+        tag = _U64.unpack_from(payload, 4)[0]
+        if payload[12] & 1 and payload[3] != 0x5A:  # multiple (Basic.Reject has none)
+            self.auto_acks[:] = [t for t in self.auto_acks if t > tag]
+        elif tag in self.auto_acks:
+            self.auto_acks.remove(tag)
 
     def _forget_tag(self, payload: memoryview) -> None:
         if self.consumer_tags:

@@ -60,11 +60,17 @@ CONNECTION_OPEN_OK: Final = m.encode_method(0, m.commands.Connection.OpenOk())
 CONNECTION_CLOSE_OK: Final = m.encode_method(0, m.commands.Connection.CloseOk())
 CONNECTION_UPDATE_SECRET_OK: Final = m.encode_method(0, m.commands.Connection.UpdateSecretOk())
 BASIC_QOS_OK_PAYLOAD: Final = b"\x00\x3c\x00\x0b"
+#: Bytes queued for a client above which it counts as not reading (see resume_writing).
+CLIENT_WRITE_BUFFER: Final = 256 * 1024
 #: How long a client gets to answer our Connection.Close before its socket is closed.
 CLOSE_OK_TIMEOUT: Final = 5.0
 #: Where Queue.Declare's and Basic.Consume's flags octet starts after the queue name (method
 #: id, ticket, the queue name's length octet), and Basic.Consume's after its tag as well.
 NOWAIT_BIT: Final = 0x10
+#: Basic.Consume's flags octet: no_local 0x01, no_ack 0x02, exclusive 0x04, nowait 0x08.
+CONSUME_NO_ACK_BIT: Final = 0x02
+DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+CONSUME_NOWAIT_BIT: Final = 0x08
 #: The argument that names a queue, in every method that names one (for exclusivity).
 QUEUE_METHODS: Final = frozenset(
     method.index
@@ -159,6 +165,8 @@ class ClientSession(FramedProtocol):
         self.exclusive_queues: dict[UpstreamConnection, set[str]] = {}
         #: Channels whose close must be answered by the broker before Connection.CloseOk.
         self._closes_pending = 0
+        #: Channels with auto-ack deliveries to ack once the client's socket has them.
+        self._acks_due: set[ChannelLink] = set()
         self._close_reason = ""
         #: The reason label for the disconnect metric.
         self._close_kind = ""
@@ -172,6 +180,8 @@ class ClientSession(FramedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # resume_writing comes when everything written has left: auto-ack deliveries are due
+        transport.set_write_buffer_limits(high=CLIENT_WRITE_BUFFER, low=0)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
@@ -216,6 +226,8 @@ class ClientSession(FramedProtocol):
     def flush(self) -> None:
         super().flush()
         transport = self.transport
+        if self._acks_due:
+            self._ack_written()
         if transport is not None and transport.get_write_buffer_size() > self.max_buffer:
             log.warning(
                 "client %s (user=%r vhost=%r) is not reading: over %d bytes waiting for it; "
@@ -301,6 +313,8 @@ class ClientSession(FramedProtocol):
             self.close_with(exc.code, exc.text, exc.class_id, exc.method_id, kind="protocol_error")
 
     def check_heartbeat(self, now: float, handshake_timeout: float) -> None:
+        if self._acks_due:
+            self._ack_written()
         if (self.phase in HANDSHAKE or self.phase is Phase.OPENING) and (
             now - self.connected_at > handshake_timeout
         ):
@@ -369,6 +383,7 @@ class ClientSession(FramedProtocol):
                 link.safe = False
                 if len(payload) != m.DELIVERY_ACK_SIZE:
                     m.method_arguments(mid, payload)  # raises the broker's FRAME_ERROR
+                link.client_acked(payload)
                 link.send(frame(METHOD, number, payload))
                 return
             if mid in m.CLIENT_CHANNEL_METHODS:
@@ -426,6 +441,7 @@ class ClientSession(FramedProtocol):
             refuse_method(mid)
         arguments = m.method_arguments(mid, payload)
         if mid == m.CHANNEL_CLOSE:
+            self._ack_written()  # what it has read is acked, not requeued by the close
             if link.client_close(payload, self.wait_for_broker or not link.safe, False):
                 self._channel_closed(link)
         elif mid == m.CHANNEL_OPEN:
@@ -470,7 +486,8 @@ class ClientSession(FramedProtocol):
                     m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - requeue=false", 60, mid & 0xFFFF
                 )
         elif mid == m.BASIC_CONSUME:
-            kind = self._consume(link, str(arguments[2]), bool(arguments[6]))
+            self._consume(link, payload, arguments)
+            return
         elif mid == m.BASIC_CANCEL:
             if link.consumer_tags:
                 link.consumer_tags.discard(str(arguments[0]))
@@ -552,20 +569,59 @@ class ClientSession(FramedProtocol):
         if count != current:
             link.set_prefetch(count, global_, Request.DROP)
 
-    def _consume(self, link: ChannelLink, tag: str, nowait: bool) -> Request:
+    def _consume(self, link: ChannelLink, payload: memoryview, arguments: list[Any]) -> None:
+        """Start a consumer. One the client makes with no_ack is consumed upstream with acks
+        (the proxy acks each delivery once it has left for the client's socket) and, like one
+        with no prefetch limit, with a window of consumer_window deliveries: a client that
+        reads slowly slows the broker down instead of filling the proxy's memory, and a
+        client that goes away loses nothing the broker would not have kept for it."""
+        queue, tag, nowait = str(arguments[1]), str(arguments[2]), arguments[6]
+        # (RabbitMQ pushes direct reply-to replies itself and refuses an acking consumer)
+        no_ack = arguments[4] and queue != DIRECT_REPLY_TO
+        link.safe = False
         link.reset_inherited_prefetch()
         tags = link.consumer_tags
+        if tag and tags is not None and tag in tags:
+            # RabbitMQ closes the whole connection for this: keep it to this client
+            raise FrameError(
+                m.NOT_ALLOWED, f"NOT_ALLOWED - attempt to reuse consumer tag '{tag}'", 60, 20
+            )
+        kind = Request.FORWARD
         if tag:
-            if tags is None:
-                tags = link.consumer_tags = set()
-            elif tag in tags:
-                # RabbitMQ closes the whole connection for this: keep it to this client
-                raise FrameError(
-                    m.NOT_ALLOWED, f"NOT_ALLOWED - attempt to reuse consumer tag '{tag}'", 60, 20
-                )
-            tags.add(tag)
-            return Request.FORWARD
-        return Request.FORWARD if nowait else Request.CONSUME
+            link.consumer_started(tag, bool(no_ack))
+        elif no_ack:
+            kind = Request.CONSUME_AUTO_ACK
+        elif not nowait:
+            kind = Request.CONSUME
+        flags = 4 + 2 + 1 + len(queue.encode("utf-8", "surrogateescape")) + 1
+        flags += len(tag.encode("utf-8", "surrogateescape"))
+        if no_ack:
+            payload[flags] &= ~CONSUME_NO_ACK_BIT
+            if nowait and not tag:  # the proxy must learn the tag: it asks for the ConsumeOk
+                payload[flags] &= ~CONSUME_NOWAIT_BIT
+                arguments[6] = False
+                kind = Request.CONSUME_AUTO_ACK_UNASKED
+        window = no_ack or not (link.consumer_prefetch or queue == DIRECT_REPLY_TO)
+        previous = link.consumer_prefetch
+        if window:
+            link.set_prefetch(self.worker.config.consumer_window, False, Request.DROP)
+        self._send_method(link, m.BASIC_CONSUME, payload, arguments, kind)
+        if window:
+            link.set_prefetch(previous, False, Request.DROP)
+
+    def acks_due(self, link: ChannelLink) -> None:
+        self._acks_due.add(link)
+
+    def _ack_written(self) -> None:
+        """Ack upstream what the client's socket has taken of its auto-ack deliveries."""
+        transport = self.transport
+        if self._acks_due and transport is not None and not transport.get_write_buffer_size():
+            for link in self._acks_due:
+                link.send_auto_acks()
+            self._acks_due.clear()
+
+    def resume_writing(self) -> None:
+        self._ack_written()
 
     def _queue_declare(
         self, link: ChannelLink, payload: memoryview, arguments: list[Any]
@@ -738,6 +794,7 @@ class ClientSession(FramedProtocol):
         has processed what it published on each channel (and any error that caused is passed
         on first, as RabbitMQ does); with local, it is answered at once."""
         self._ending("client_close", "client closed the connection")
+        self._ack_written()
         if code != m.REPLY_SUCCESS:
             self._close_reason += f" ({code} {text})"
         self.phase = Phase.CLIENT_CLOSING

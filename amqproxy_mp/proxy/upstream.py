@@ -365,6 +365,8 @@ class UpstreamConnection(FramedProtocol):
                 link.broker_method(method_id(payload), payload)
             elif link.forwarding and link.client is not None:
                 link.client.deliver(frame_type, link.client_number, payload)
+                if link.delivering:
+                    link.content_forwarded(frame_type, payload)
             return
         if frame_type == METHOD:
             if self.state == HANDSHAKE:
