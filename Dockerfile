@@ -17,7 +17,9 @@ RUN pip install --no-cache-dir --no-index --find-links /wheels amqproxy-mp \
     && rm -rf /wheels
 USER amqproxy:amqproxy
 # Listen on all interfaces of the container (the default, localhost, is unreachable from
-# other containers); a config file or -l overrides it.
+# other containers); a config file or -l overrides it. HTTP (/healthz, /metrics, /pools, which
+# names users and vhosts) stays on the container's loopback, where the HEALTHCHECK below
+# reaches it; set HTTP_ADDRESS=0.0.0.0 to publish it (see docs/security.md).
 ENV LISTEN_ADDRESS=0.0.0.0 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/amqproxy-metrics \
     PYTHONDONTWRITEBYTECODE=1 \

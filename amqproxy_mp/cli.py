@@ -1,7 +1,7 @@
-"""The `amqproxy` command: parse the configuration, then hand over to the worker.
+"""The `amqproxy` command: parse the configuration, then hand over to the master.
 
 Every configuration or usage problem ends here as one line on stderr and exit code 2, before
-the worker module is even imported, so nothing binds with a half-valid configuration.
+the master module is even imported, so nothing binds with a half-valid configuration.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def _check_config(path: str, args: list[str]) -> int:
     if getattr(build_parser().parse_args(rest), "config_file", None) is not None:
         raise ConfigError("--check-config FILE cannot be combined with -c/--config")
     loaded = load_config([*rest, "--config", path], os.environ)
+    from amqproxy_mp.tls import check_tls_files
+
+    check_tls_files(loaded.config)
     for warning in loaded.warnings:
         print(f"amqproxy: warning: {warning}", file=sys.stderr)
     print(f"{path}: OK")

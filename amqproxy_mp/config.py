@@ -54,7 +54,7 @@ class Config:
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
     http_port: int = 15673
-    http_address: str = "localhost"
+    http_address: str = "127.0.0.1"
     log_level: str = "info"
     idle_connection_timeout: float = 5.0
     max_upstream_channels: int = 0

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import socket
-import ssl
+import stat
 import tempfile
 import time
 from collections import Counter
@@ -35,6 +35,7 @@ from amqproxy_mp.metrics import (
     read_pool_status,
 )
 from amqproxy_mp.systemd import SystemdNotifier, watchdog_interval
+from amqproxy_mp.tls import check_tls_files
 from amqproxy_mp.worker import LISTEN_BACKLOG
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class WorkerProcess:
     last_beat: float
     ready: bool = False
     retiring: bool = False
+    #: Started by a reload and not yet accepting: the slot's old worker still serves, and if
+    #: this one dies or never gets ready, the reload fails, not the slot.
+    candidate: bool = False
     #: Why the master killed it, if it did ("timeout"); otherwise the exit status tells.
     kill_reason: str = ""
 
@@ -93,24 +97,6 @@ class Slot:
 
 class MasterError(Exception):
     """A start-up failure the operator must fix (port in use, ...); exit code 1."""
-
-
-def check_tls_files(config: Config) -> None:
-    """Load the certificates once here, so a bad file stops the start instead of making every
-    worker crash in a loop."""
-    from amqproxy_mp.worker import listener_tls_context, upstream_tls_context
-
-    try:
-        upstream_tls_context(config)
-    except (OSError, ssl.SSLError) as exc:
-        raise MasterError(f"upstream TLS files unusable: {exc}") from None
-    if config.tls_port:
-        try:
-            listener_tls_context(config)
-        except (OSError, ssl.SSLError) as exc:
-            raise MasterError(
-                f"tls_cert_file/tls_key_file/tls_client_ca_file unusable: {exc}"
-            ) from None
 
 
 def describe_exit(status: int) -> tuple[str, str]:
@@ -140,6 +126,9 @@ class Master:
         self._metrics: MasterMetrics | None = None
         #: Why the last TCP check of the broker failed; "" when it answered.
         self.upstream_error = ""
+        #: Why the last reload failed (the previous configuration is still running); "" when
+        #: it succeeded or there was none.
+        self.reload_error = ""
         self._systemd = SystemdNotifier(os.environ)
         self._watchdog = watchdog_interval(os.environ)
         self._watchdog_at = 0.0
@@ -151,7 +140,7 @@ class Master:
     def run(self) -> int:
         try:
             check_tls_files(self.config)
-        except MasterError as exc:
+        except ConfigError as exc:
             log.error("%s", exc)
             return 2
         try:
@@ -273,14 +262,14 @@ class Master:
         self._wakeup = asyncio.Event()
         try:
             self._http = await start_http_server(
-                self.config.listen_address,
+                self.config.http_address,
                 self.config.http_port,
                 {"/healthz": self._healthz, "/metrics": self._metrics_page, "/pools": self._pools},
             )
         except OSError as exc:
             log.error(
                 "cannot serve HTTP on %s port %s: %s",
-                self.config.listen_address,
+                self.config.http_address,
                 self.config.http_port,
                 exc.strerror or exc,
             )
@@ -388,7 +377,7 @@ class Master:
         slot.sockets = []
         slot.tls_sockets = []
 
-    def _spawn(self, slot: Slot) -> WorkerProcess:
+    def _spawn(self, slot: Slot, candidate: bool = False) -> WorkerProcess:
         beat_read, beat_write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker
@@ -401,9 +390,10 @@ class Master:
         os.close(beat_write)
         os.set_blocking(beat_read, False)
         now = time.monotonic()
-        worker = WorkerProcess(slot.number, pid, beat_read, now, now)
+        worker = WorkerProcess(slot.number, pid, beat_read, now, now, candidate=candidate)
         self.workers[pid] = worker
-        slot.worker = worker
+        if not candidate:
+            slot.worker = worker
         asyncio.get_running_loop().add_reader(beat_read, self._on_beat, worker)
         log.info("worker %d started (pid %d)", slot.number, pid)
         return worker
@@ -415,13 +405,7 @@ class Master:
             signal.set_wakeup_fd(-1)
             for signum in SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
-            if self._http is not None:
-                for sock in self._http.sockets:
-                    os.close(sock.fileno())
-            for other in self.slots.values():
-                if other is not slot:
-                    for sock in other.sockets + other.tls_sockets:
-                        sock.close()
+            _drop_inherited_sockets({sock.fileno() for sock in slot.sockets + slot.tls_sockets})
             for worker in self.workers.values():
                 os.close(worker.beat_fd)
             _set_title(f"amqproxy: worker {slot.number}")
@@ -482,7 +466,7 @@ class Master:
         slot = self.slots.get(worker.slot)
         if slot is not None and slot.worker is worker:
             slot.worker = None
-        if self.stopping or worker.retiring:
+        if self.stopping or worker.retiring or worker.candidate:
             log.info("worker %d (pid %d) %s", worker.slot, worker.pid, text)
             if slot is not None and slot.removed and slot.worker is None:
                 del self.slots[slot.number]
@@ -592,49 +576,70 @@ class Master:
             self._reloading = False
 
     async def _reload_once(self) -> None:
+        """Load the configuration again, check it, and replace the workers one by one. A
+        reload never costs capacity: a new worker that does not get ready is stopped, the
+        old one goes on serving, and the master keeps the configuration that works."""
         try:
             new = load_config(self.argv, os.environ).config
+            check_tls_files(new)
         except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
+            self._reload_failed(str(exc))
             return
         old = self.config
-        if (new.listen_address, new.listen_port, new.http_port) != (
-            old.listen_address,
-            old.listen_port,
-            old.http_port,
-        ):
-            log.warning("listen address and ports cannot change on reload; restart to apply them")
-            new = dataclasses.replace(
-                new,
-                listen_address=old.listen_address,
-                listen_port=old.listen_port,
-                http_port=old.http_port,
+        fixed = ("listen_address", "listen_port", "tls_port", "http_address", "http_port")
+        changed = [name for name in fixed if getattr(new, name) != getattr(old, name)]
+        if changed:
+            log.warning(
+                "%s cannot change on reload (restart to apply): keeping the running values",
+                ", ".join(changed),
             )
+            new = dataclasses.replace(new, **{name: getattr(old, name) for name in fixed})
+        try:
+            setup_logging(new.log_level, os.environ, new.log_file)
+        except OSError as exc:
+            self._reload_failed(f"log_file = {new.log_file!r}: cannot open it ({exc.strerror})")
+            return
         self.config = new
-        setup_logging(new.log_level, os.environ, new.log_file)
         live = self._live_slots()
         while len(live) > new.worker_count:
             self._retire_slot(live.pop())
         for slot in live:
             if self.stopping:
                 return
-            await self._replace(slot)
+            failure = await self._replace(slot)
+            if failure:
+                self.config = old
+                setup_logging(old.log_level, os.environ, old.log_file)
+                self._reload_failed(f"worker {slot.number} {failure} with the new configuration")
+                return
         while len(self._live_slots()) < new.worker_count and not self.stopping:
             self._add_slot(max(self.slots, default=0) + 1)
+        self.reload_error = ""
         log.info("reload complete: %d workers", len(self._live_slots()))
 
-    async def _replace(self, slot: Slot) -> None:
-        """Start the slot's new worker on the same socket, then retire the old one."""
+    def _reload_failed(self, reason: str) -> None:
+        self.reload_error = reason
+        log.error("reload failed, the running configuration stays: %s", reason)
+
+    async def _replace(self, slot: Slot) -> str:
+        """Start the slot's new worker on the same socket; once it accepts, retire the old
+        one. Returns why the new one could not take over ("" when it did)."""
         old = slot.worker
-        new = self._spawn(slot)
+        new = self._spawn(slot, candidate=True)
         deadline = time.monotonic() + READY_TIMEOUT
         while not new.ready and new.pid in self.workers and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if not new.ready:
-            log.error("worker %d (pid %d) did not become ready during reload", slot.number, new.pid)
+            if new.pid in self.workers:
+                self._kill(new, signal.SIGKILL)
+                return f"did not get ready within {READY_TIMEOUT:g} s"
+            return "exited at start"
+        new.candidate = False
+        slot.worker = new
         if old is not None and old.pid in self.workers:
             old.retiring = True
             self._kill(old, RETIRE)
+        return ""
 
     # --- HTTP -----------------------------------------------------------------------------------
 
@@ -642,6 +647,9 @@ class Master:
         ok, reason = self.workers_health()
         if ok and self.upstream_error:
             return False, f"upstream {self.config.upstream} unreachable: {self.upstream_error}"
+        if ok and self.reload_error:
+            # still serving, on the previous configuration: healthy, but say so
+            return True, f"OK; the last reload failed: {self.reload_error}"
         return ok, reason
 
     def workers_health(self) -> tuple[bool, str]:
@@ -674,12 +682,38 @@ class Master:
     def _metrics_page(self) -> Response:
         assert self._metrics is not None
         workers = [WorkerInfo(w.slot, w.pid) for w in self.workers.values()]
-        body = self._metrics.render(workers, self.restarts)
+        body = self._metrics.render(workers, self.restarts, not self.reload_error)
         return 200, "text/plain; version=0.0.4; charset=utf-8", body
 
     def _pools(self) -> Response:
         entries = read_pool_status(self.metrics_dir, list(self.workers))
         return 200, "application/json", json.dumps(entries, indent=1).encode()
+
+
+def _drop_inherited_sockets(keep: set[int]) -> None:
+    """In a new worker: every socket of the master's (the HTTP listener and its clients,
+    other slots' listeners, an upstream probe under way) is pointed at /dev/null, so the
+    worker holds none of them open. Not closed: objects of the master that the fork copied
+    would close those numbers again later, when they may belong to the worker's own sockets.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for name in names:
+            fd = int(name)
+            if fd in keep or fd <= 2 or fd == devnull:
+                continue
+            try:
+                is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+            except OSError:
+                continue  # (the directory listing's own descriptor, gone already)
+            if is_socket:
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _set_title(title: str) -> None:

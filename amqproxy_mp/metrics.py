@@ -378,11 +378,13 @@ class _MasterCollector:
         upstream: str,
         workers: list[WorkerInfo],
         restarts: Mapping[str, int],
+        reload_ok: bool,
     ) -> None:
         self.version = version
         self.upstream = upstream
         self.workers = workers
         self.restarts = restarts
+        self.reload_ok = reload_ok
 
     def collect(self) -> Iterable[Metric]:
         identity = GaugeMetricFamily(
@@ -393,6 +395,11 @@ class _MasterCollector:
         identity.add_metric([self.version, self.upstream], 1)
         yield identity
         yield GaugeMetricFamily("amqproxy_workers", "Worker processes running", len(self.workers))
+        yield GaugeMetricFamily(
+            "amqproxy_config_last_reload_successful",
+            "0 when the last reload (HUP) failed and the previous configuration still runs",
+            float(self.reload_ok),
+        )
         restarts = CounterMetricFamily(
             "amqproxy_worker_restarts", "Worker processes replaced, by reason", labels=["reason"]
         )
@@ -432,11 +439,14 @@ class MasterMetrics:
         self.version = version
         self.upstream = _without_credentials(upstream)
 
-    def render(self, workers: list[WorkerInfo], restarts: Mapping[str, int]) -> bytes:
+    def render(
+        self, workers: list[WorkerInfo], restarts: Mapping[str, int], reload_ok: bool = True
+    ) -> bytes:
         """Prometheus text format (content type `CONTENT_TYPE`), read fresh on every scrape."""
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
-        registry.register(_MasterCollector(self.version, self.upstream, workers, restarts))
+        collector = _MasterCollector(self.version, self.upstream, workers, restarts, reload_ok)
+        registry.register(collector)
         return generate_latest(registry)
 
 

@@ -14,7 +14,6 @@ import os
 import platform
 import signal
 import socket
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -34,6 +33,7 @@ from amqproxy_mp.proxy.client import ClientSession
 from amqproxy_mp.proxy.exchange_types import ExchangeTypes
 from amqproxy_mp.proxy.pool import Pools
 from amqproxy_mp.proxy.upstream import UpstreamSettings
+from amqproxy_mp.tls import listener_tls_context, upstream_tls_context
 
 log = logging.getLogger(__name__)
 
@@ -79,30 +79,6 @@ SERVER_PROPERTIES: Final[FieldTable] = {
         "direct_reply_to": True,
     },
 }
-
-
-def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
-    """Verify the broker's certificate against the system CAs unless told otherwise."""
-    if not config.upstream.tls:
-        return None
-    context = ssl.create_default_context(cafile=config.upstream_tls_ca_file)
-    if config.upstream_tls_cert_file:
-        context.load_cert_chain(config.upstream_tls_cert_file, config.upstream_tls_key_file)
-    if config.upstream_tls_insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def listener_tls_context(config: Config) -> ssl.SSLContext:
-    """The AMQPS listener's context; with a client CA, clients must present a certificate."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    assert config.tls_cert_file and config.tls_key_file  # enforced by the config
-    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
-    if config.tls_client_ca_file:
-        context.load_verify_locations(config.tls_client_ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 class Worker:
@@ -196,9 +172,11 @@ class Worker:
         self._beat()  # the first beat tells the master this worker accepts
         ticker = self.loop.create_task(self._tick())
         await self._stopping.wait()
-        ticker.cancel()
         if not self._quick:
+            # the ticker goes on while clients drain: beats to the master (or it would kill a
+            # long drain), heartbeats on both hops, metrics
             await self.shutdown()
+        ticker.cancel()
         self._export_metrics()
         return 0
 

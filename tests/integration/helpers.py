@@ -321,6 +321,8 @@ class ProxyProcess(Target):
     ) -> None:
         self.port = free_port()
         self.http_port = free_port()
+        if "--listen" in options:  # a test that moves the listener connects there
+            self.host = options[list(options).index("--listen") + 1]
         self.log_path = log_path
         self.upstream_port = upstream_port
         self.upstream = upstream or f"amqp://{BROKER_HOST}:{BROKER_PORT}"
@@ -369,7 +371,7 @@ class ProxyProcess(Target):
                     f"{self.log_text()}"
                 )
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((self.host, self.port), timeout=0.5):
                     return self
             except OSError:
                 pass
