@@ -171,12 +171,17 @@ def client_capabilities(start_ok_arguments: list[object], payload: bytes | memor
     return set()
 
 
-def parse_sasl_response(mechanism: str, response: bytes) -> tuple[str, str]:
-    """Extract (user, password) from a PLAIN or AMQPLAIN StartOk response.
+class WrongSaslType(ValueError):
+    """An AMQPLAIN LOGIN or PASSWORD that is not a string: refused like a wrong password."""
 
-    Raises ValueError with a client-facing reason when the response is unusable. Nothing is
-    allocated in proportion to a length the client claims: every length was checked against
-    the bytes that arrived.
+
+def parse_sasl_response(mechanism: str, response: bytes) -> tuple[str, str]:
+    """Extract (user, password) from a PLAIN or AMQPLAIN StartOk response, as RabbitMQ reads
+    them: any bytes (kept through surrogate escapes), in AMQPLAIN long strings or binaries.
+
+    Raises ValueError when the response is unusable (RabbitMQ drops such a client), and
+    WrongSaslType for a LOGIN or PASSWORD of another type. Nothing is allocated in proportion
+    to a length the client claims: every length was checked against the bytes that arrived.
     """
     if mechanism == "PLAIN":
         parts = response.split(b"\x00")
@@ -184,8 +189,7 @@ def parse_sasl_response(mechanism: str, response: bytes) -> tuple[str, str]:
             raise ValueError("malformed PLAIN response")
         user, password = parts[1], parts[2]
     elif mechanism == "AMQPLAIN":
-        # AMQPLAIN is a field table without its 4-byte length prefix; LOGIN and PASSWORD must
-        # be long strings (type S), as RabbitMQ reads them.
+        # AMQPLAIN is a field table without its 4-byte length prefix
         try:
             check_table(response, 0, len(response))
         except Exception:
@@ -196,13 +200,10 @@ def parse_sasl_response(mechanism: str, response: bytes) -> tuple[str, str]:
         values = []
         for key in (b"LOGIN", b"PASSWORD"):
             tag, start, end = fields[key]
-            if tag != ord("S"):
-                raise ValueError(f"AMQPLAIN {key.decode()} is not a long string (type S)")
+            if tag not in (ord("S"), ord("x")):
+                raise WrongSaslType(f"AMQPLAIN {key.decode()} is not a string")
             values.append(response[start + 4 : end])
         user, password = values
     else:
         raise ValueError(f"unsupported mechanism {mechanism!r}")
-    try:
-        return user.decode("utf-8"), password.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("credentials are not valid UTF-8") from None
+    return user.decode("utf-8", "surrogateescape"), password.decode("utf-8", "surrogateescape")

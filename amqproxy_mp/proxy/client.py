@@ -821,9 +821,17 @@ class ClientSession(FramedProtocol):
         mechanism = str(arguments[1])
         try:
             self.user, self._password = m.parse_sasl_response(mechanism, arguments[2])
-        except ValueError as exc:
-            self._refuse_login(UpstreamError(m.ACCESS_REFUSED, f"ACCESS_REFUSED - {exc}"))
+        except m.WrongSaslType:
+            self._refuse_login(
+                UpstreamError(
+                    m.ACCESS_REFUSED,
+                    f"ACCESS_REFUSED - Login was refused using authentication mechanism "
+                    f"{mechanism}. For details see the broker logfile.",
+                )
+            )
             return
+        except ValueError as exc:  # RabbitMQ just drops the client
+            raise FrameError(DROP, f"login: {exc}") from None
         self.run_paused(self._check_login(Login(self.user, self._password, mechanism)))
 
     async def _check_login(self, login: Login) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from pamqp import encode
 from pamqp.common import FieldTable
 
 from amqproxy_mp import __version__
@@ -56,6 +57,8 @@ CLIENT_PROPERTIES: Final[FieldTable] = {
         "publisher_confirms": True,
     },
 }
+
+CLIENT_PROPERTIES_TABLE: Final = encode.field_table(CLIENT_PROPERTIES)
 
 # Connection states.
 HANDSHAKE, READY, CLOSING, CLOSED = range(4)
@@ -101,11 +104,26 @@ class Login:
             return b"".join(
                 bytes([len(key)]) + key + b"S" + struct.pack(">I", len(value)) + value
                 for key, value in (
-                    (b"LOGIN", self.user.encode()),
-                    (b"PASSWORD", self.password.encode()),
+                    (b"LOGIN", self.user.encode("utf-8", "surrogateescape")),
+                    (b"PASSWORD", self.password.encode("utf-8", "surrogateescape")),
                 )
             )
-        return f"\0{self.user}\0{self.password}".encode()
+        return f"\0{self.user}\0{self.password}".encode("utf-8", "surrogateescape")
+
+    def start_ok(self) -> bytes:
+        """Connection.StartOk with the response's exact bytes (pamqp would re-encode them)."""
+        mechanism = self.mechanism.encode()
+        response = self.response()
+        payload = b"".join(
+            (
+                struct.pack(">I", m.CONNECTION_START_OK),
+                CLIENT_PROPERTIES_TABLE,
+                bytes([len(mechanism)]), mechanism,
+                struct.pack(">I", len(response)), response,
+                b"\x05en_US",
+            )
+        )  # fmt: skip
+        return frame(METHOD, 0, payload)
 
 
 async def open_upstream(
@@ -391,16 +409,7 @@ class UpstreamConnection(FramedProtocol):
         if index != self._handshake_step:
             raise FrameError(m.COMMAND_INVALID, f"COMMAND_INVALID - unexpected {method.name}")
         if isinstance(method, commands.Connection.Start):
-            self.send(
-                m.encode_method(
-                    0,
-                    commands.Connection.StartOk(
-                        client_properties=CLIENT_PROPERTIES,
-                        mechanism=self.login.mechanism,
-                        response=self.login.response().decode("latin-1"),
-                    ),
-                )
-            )
+            self.send(self.login.start_ok())
             self._handshake_step = m.CONNECTION_TUNE
         elif isinstance(method, commands.Connection.Tune):
             # max_upstream_channels is applied when placing new clients (see Pool): a

@@ -83,3 +83,29 @@ def test_blocked_and_unblocked_reach_pika_clients(
     a.close()
     assert b is not None
     b.close()
+
+
+def test_unblocked_reaches_a_client_that_closed_its_channel_meanwhile(
+    proxy: Target, names: Names, restore_watermark: Callable[[], None]
+) -> None:
+    """Blocked and Unblocked are about the connection: a client told Blocked is told
+    Unblocked, even if it has no channel left on the upstream connection by then."""
+    events: list[str] = []
+    q = names.queue("unblocked")
+    publisher = proxy.connect()
+    pch = publisher.channel()
+    pch.queue_declare(q)
+    c = proxy.connect()
+    c.add_on_connection_blocked_callback(lambda _c, _m: events.append("blocked"))
+    c.add_on_connection_unblocked_callback(lambda _c, _m: events.append("unblocked"))
+    ch = c.channel()
+    try:
+        rabbitmqctl("set_vm_memory_high_watermark", "0")
+        pch.basic_publish("", q, b"makes the broker block the connection")
+        drain(c, lambda: events == ["blocked"], timeout=15, what="Connection.Blocked")
+        ch.close()  # it published nothing: answered at once, and its channel is gone
+    finally:
+        restore_watermark()
+    drain(c, lambda: events == ["blocked", "unblocked"], timeout=20, what="Unblocked")
+    c.close()
+    publisher.close()

@@ -1,0 +1,247 @@
+"""What a client's channels must behave like through the proxy, exactly as they do directly,
+however the proxy places them on shared upstream connections and reuses upstream channels."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+from pamqp import commands, frame
+
+from .helpers import (
+    BROKER_HOST,
+    BROKER_PORT,
+    Bystander,
+    DirectTarget,
+    Names,
+    ProxyFactory,
+    ProxyProcess,
+    RawClient,
+    Target,
+    drain,
+    queue_counts,
+    wait_for,
+)
+
+
+def targets(proxy_factory: ProxyFactory, *options: str) -> list[Target]:
+    """RabbitMQ itself, then a proxy: every scenario must give the same on both."""
+    return [DirectTarget(), proxy_factory("-t", "60", *options, direct_ok=False)]
+
+
+def raw(target: Target) -> RawClient:
+    c = RawClient(target.host, target.port)
+    assert "open_ok" in c.handshake()
+    return c
+
+
+def replies(c: RawClient, count: int) -> list[tuple[int, str, Any]]:
+    out = []
+    for _ in range(count):
+        ch, method = c.read_method()
+        out.append((ch, type(method).__name__, getattr(method, "reply_code", None)))
+    return out
+
+
+def test_a_clients_channels_share_its_exclusive_queue(proxy_factory: ProxyFactory) -> None:
+    """Channel 1 declares an exclusive queue, channel 2 consumes from it: fine directly, and
+    through the proxy even when one upstream channel per connection would spread them."""
+
+    def scenario(target: Target) -> None:
+        conn = target.connect()
+        first, second = conn.channel(), conn.channel()
+        q = first.queue_declare("", exclusive=True).method.queue
+        got: list[bytes] = []
+        second.basic_consume(q, lambda _c, _m, _p, body: got.append(body), auto_ack=True)
+        first.basic_publish("", q, b"to the second channel")
+        drain(conn, lambda: got == [b"to the second channel"], what="the message")
+        if isinstance(target, ProxyProcess):  # ... on one upstream connection
+            assert len(target.upstream_local_ports()) == 1
+        conn.close()
+
+    for target in targets(proxy_factory, "--max-upstream-channels", "1"):
+        scenario(target)
+
+
+def consume_ok_tag(c: RawClient) -> str:
+    while True:
+        _, method = c.read_method()
+        if isinstance(method, commands.Basic.ConsumeOk):
+            return str(method.consumer_tag)
+
+
+def close_of(c: RawClient) -> tuple[int, str, int, int]:
+    while True:
+        _, method = c.read_method()
+        if isinstance(method, commands.Connection.Close):
+            return method.reply_code, method.reply_text, method.class_id, method.method_id
+
+
+@pytest.mark.parametrize("how", ["server-chosen", "client-chosen"])
+def test_reusing_a_consumer_tag_is_the_brokers_530_for_that_client_alone(
+    proxy_factory: ProxyFactory, names: Names, how: str
+) -> None:
+    results = []
+    for target in targets(proxy_factory):
+        bystander = Bystander(target, names)
+        with raw(target) as c:
+            c.send(commands.Channel.Open(), 1)
+            c.send(commands.Queue.Declare(queue="", exclusive=True), 1)
+            c.send(commands.Basic.Consume(queue="", consumer_tag="" if how == "server-chosen"
+                                          else "mine"), 1)  # fmt: skip
+            tag = consume_ok_tag(c)
+            c.send(commands.Basic.Consume(queue="", consumer_tag=tag), 1)
+            code, text, class_id, method_id = close_of(c)
+            results.append((code, text.replace(tag, "TAG"), class_id, method_id))
+        bystander.roundtrip()  # the shared upstream connection lives on
+        bystander.close()
+    direct, through = results
+    assert direct[0] == 530 and through == direct
+
+
+def test_a_tag_the_broker_cancelled_may_be_used_again(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """The broker cancels a consumer whose queue is deleted (Basic.Cancel): its tag is free."""
+
+    def scenario(target: Target) -> None:
+        q = names.queue("cancelled")
+        conn = target.connect()
+        ch = conn.channel()
+        ch.queue_declare(q)
+        cancelled: list[Any] = []
+        ch.add_on_cancel_callback(cancelled.append)
+        ch.basic_consume(q, lambda *a: None, consumer_tag="again")
+        other = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST, BROKER_PORT))
+        other.channel().queue_delete(q)
+        drain(conn, lambda: bool(cancelled), what="the broker's Basic.Cancel")
+        ch.queue_declare(q)
+        ch.basic_consume(q, lambda *a: None, consumer_tag="again")  # no 530
+        assert conn.is_open and ch.is_open
+        other.channel().queue_delete(q)
+        other.close()
+        conn.close()
+
+    for target in targets(proxy_factory):
+        scenario(target)
+
+
+def test_basic_cancel_only_reaches_clients_that_announced_consumer_cancel_notify(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """RabbitMQ sends Basic.Cancel only to clients with the capability; the proxy's upstream
+    connection has it, so the proxy must not pass it to a client without it."""
+    seen = []
+    for target in targets(proxy_factory):
+        q = names.queue("notify")
+        c = RawClient(target.host, target.port)
+        assert "open_ok" in c.handshake(client_properties={"capabilities": {}})
+        c.send(commands.Channel.Open(), 1)
+        c.send(commands.Queue.Declare(queue=q), 1)
+        c.send(commands.Basic.Consume(queue=q, consumer_tag="t"), 1)
+        consume_ok_tag(c)
+        other = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST, BROKER_PORT))
+        other.channel().queue_delete(q)
+        other.close()
+        c.send(commands.Basic.Qos(prefetch_count=1), 1)  # a round trip after the delete
+        got = []
+        while True:
+            _, method = c.read_method()
+            got.append(type(method).__name__)
+            if isinstance(method, commands.Basic.QosOk):
+                break
+        seen.append(got)
+        c.close()
+    assert seen[0] == ["QosOk"] and seen[1] == seen[0]
+
+
+def test_a_close_crossing_the_brokers_then_its_close_ok_is_accepted(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """The client closes a channel just as the broker closes it (404): RabbitMQ answers the
+    client's Close with CloseOk and takes the client's CloseOk for its own Close."""
+    outcomes = []
+    for target in targets(proxy_factory):
+        bystander = Bystander(target, names)
+        with raw(target) as c:
+            for round_ in range(5):
+                c.send(commands.Channel.Open(), 1)
+                assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
+                # unsafe (a consumer), so the proxy forwards the Close; the passive declare fails
+                c.send(commands.Queue.Declare(queue="", exclusive=True), 1)
+                c.send_raw(
+                    frame.marshal(commands.Queue.Declare(queue="itest-nope", passive=True), 1)
+                    + frame.marshal(commands.Channel.Close(200, "bye", 0, 0), 1)
+                )
+                got = replies(c, 3)  # DeclareOk, the broker's Close, the answer to ours
+                c.send(commands.Channel.CloseOk(), 1)  # for the broker's Close
+                c.send(commands.Channel.Open(), 1)  # the channel is usable again
+                got += replies(c, 1)
+                c.send(commands.Channel.Close(200, "", 0, 0), 1)
+                got += replies(c, 1)
+                outcomes.append((round_, got))
+        bystander.roundtrip()
+        bystander.close()
+    half = len(outcomes) // 2
+    assert [got for _, got in outcomes[half:]] == [got for _, got in outcomes[:half]]
+    assert outcomes[0][1] == [
+        (1, "DeclareOk", None), (1, "Close", 404), (1, "CloseOk", None),
+        (1, "OpenOk", None), (1, "CloseOk", None),
+    ]  # fmt: skip
+
+
+def test_a_qos_never_overtakes_the_reply_of_an_earlier_request(proxy_factory: ProxyFactory) -> None:
+    """Pipelined Queue.Declare, Basic.Get and Basic.Qos: the replies come in that order, as
+    directly (the proxy answers a Qos itself only when nothing else is awaited)."""
+    orders = []
+    for target in targets(proxy_factory):
+        with raw(target) as c:
+            c.send(commands.Channel.Open(), 1)
+            c.read_method()
+            q = f"itest-qos-order-{uuid.uuid4().hex[:8]}"
+            c.send_raw(
+                frame.marshal(commands.Queue.Declare(queue=q, auto_delete=True), 1)
+                + frame.marshal(commands.Basic.Get(queue=q), 1)
+                + frame.marshal(commands.Basic.Qos(prefetch_count=7), 1)
+                + frame.marshal(commands.Basic.Qos(prefetch_count=8, global_=True), 1)
+            )
+            orders.append([name for _, name, _ in replies(c, 4)])
+    assert orders[0] == ["DeclareOk", "GetEmpty", "QosOk", "QosOk"]
+    assert orders[1] == orders[0]
+
+
+def test_an_earlier_clients_global_prefetch_does_not_bind_the_next(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """Client A sets a global prefetch of 1 and leaves its (reusable) channel; client B, on
+    that very upstream channel, sets a per-consumer prefetch of 10 and consumes: it must get
+    10 unacked deliveries, not 1."""
+    p = proxy_factory("-t", "60", direct_ok=False)
+    assert isinstance(p, ProxyProcess)
+    q = names.queue("prefetch")
+    setup = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST, BROKER_PORT))
+    sch = setup.channel()
+    sch.queue_declare(q)
+    for i in range(20):
+        sch.basic_publish("", q, str(i).encode())
+    a = p.connect()
+    ach = a.channel()
+    ach.basic_qos(prefetch_count=1, global_qos=True)
+    ach.basic_publish("", "itest-nowhere", b"x")  # a safe channel: it will be reused
+    a.close()
+    time.sleep(0.2)
+    b = p.connect()
+    bch = b.channel()
+    bch.basic_qos(prefetch_count=10)
+    got: list[Any] = []
+    bch.basic_consume(q, lambda _c, method, _p, _b: got.append(method.delivery_tag))
+    drain(b, lambda: len(got) >= 10, timeout=5, what="10 unacked deliveries")
+    b.process_data_events(time_limit=0.3)
+    assert len(got) == 10
+    wait_for(lambda: queue_counts(q)[0] == 10, what="10 left in the queue")
+    b.close()
+    setup.close()

@@ -1,0 +1,87 @@
+"""Pools and upstream connections come and go with their clients: nothing piles up."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+
+import pytest
+from pamqp import commands
+
+from .helpers import (
+    AMQP_HEADER,
+    ProxyFactory,
+    ProxyProcess,
+    RawClient,
+    http_request,
+    wait_for,
+)
+
+pytestmark = pytest.mark.usefixtures("require_proxy")
+
+
+def test_retired_connections_close_under_churn(proxy_factory: ProxyFactory) -> None:
+    """Connections past upstream_max_lifetime take no new channels and close once empty;
+    channels parked on them must be closed too, or the connection lives forever."""
+    p = proxy_factory("--upstream-max-lifetime", "1", "-t", "60")
+    assert isinstance(p, ProxyProcess)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:  # PHP-FPM churn: each client parks its channel
+        conn = p.connect()
+        conn.channel().basic_publish("", "itest-nowhere", b"x")
+        conn.close()
+        seen |= p.upstream_local_ports()
+    assert len(seen) >= 3, seen  # several connections retired meanwhile
+    wait_for(
+        lambda: len(p.upstream_local_ports()) <= 1, timeout=6, what="retired connections closed"
+    )
+    assert len(p.upstream_connections()) <= 1
+
+
+def pools_page(p: ProxyProcess) -> list[dict[str, object]]:
+    status, body = http_request(p.http_port, "/pools")
+    assert status == 200
+    entries: list[dict[str, object]] = json.loads(body)
+    return entries
+
+
+def test_a_client_leaving_during_authentication_leaves_no_pool(
+    proxy_factory: ProxyFactory,
+) -> None:
+    p = proxy_factory("-t", "60")
+    assert isinstance(p, ProxyProcess)
+    vhosts = [f"itest-gone-{uuid.uuid4().hex[:8]}" for _ in range(20)]
+    for vhost in vhosts:  # Connection.Open for a vhost that does not exist, then gone
+        c = RawClient(p.host, p.port)
+        c.send_raw(AMQP_HEADER)
+        c.read_method()
+        c.send(commands.Connection.StartOk({}, "PLAIN", "\0guest\0guest"))
+        tune = c.read_method()[1]
+        c.send(commands.Connection.TuneOk(tune.channel_max, tune.frame_max, 0))
+        c.send(commands.Connection.Open(vhost))
+        c.close()
+    time.sleep(1.5)  # the broker's refusals arrive; /pools is written every second
+    conn = p.connect()  # one real pool, so that the page is current
+    conn.channel()
+    wait_for(lambda: any(e["vhost"] == "/" for e in pools_page(p)), what="the live pool")
+    assert [e["vhost"] for e in pools_page(p)] == ["/"]
+    conn.close()
+
+
+def test_clients_in_their_handshake_do_not_count_against_max_client_connections(
+    proxy_factory: ProxyFactory,
+) -> None:
+    p = proxy_factory("--max-client-connections", "2")
+    assert isinstance(p, ProxyProcess)
+    waiting = [socket.create_connection((p.host, p.port)) for _ in range(5)]
+    for s in waiting:
+        s.sendall(AMQP_HEADER)  # and nothing more for now
+    first, second = p.connect(), p.connect()  # both within the limit
+    assert first.is_open and second.is_open
+    for s in waiting:
+        s.close()
+    first.close()
+    second.close()
