@@ -337,3 +337,58 @@ def test_php_amqp_and_pika_see_their_messages_once_closed(
 def php_available() -> None:
     res = subprocess.run(["php", "-m"], capture_output=True, text=True)
     assert "amqp" in res.stdout.split(), "the PHP amqp extension is missing"
+
+
+def test_every_message_of_a_clean_close_survives_upstream_failures(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """pika clients connect, publish and close in a loop while the broker closes the proxy's
+    upstream connections again and again. A message whose client's close returned cleanly
+    was processed by the broker: it is in the queue. (The others' clients were told, with
+    Connection.Close 320.)"""
+    import threading
+
+    from .helpers import close_broker_connection
+
+    p = target(proxy_factory, "processed")
+    assert isinstance(p, ProxyProcess)
+    q = declared_queue(names)
+    confirmed: list[bytes] = []
+    failures = [0]
+    stop = threading.Event()
+
+    def loop(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            body = f"{n}-{i}".encode()
+            i += 1
+            try:
+                conn = pika.BlockingConnection(p.params())
+                conn.channel().basic_publish("", q, body)
+                conn.close()
+            except pika.exceptions.AMQPError:
+                failures[0] += 1
+                continue
+            confirmed.append(body)
+
+    threads = [threading.Thread(target=loop, args=(n,), daemon=True) for n in range(4)]
+    for t in threads:
+        t.start()
+    kills = 0
+    deadline = time.monotonic() + 30
+    while kills < 8 and time.monotonic() < deadline:
+        time.sleep(0.7)
+        for port in p.upstream_local_ports():
+            try:
+                close_broker_connection(port, "itest: upstream failure")
+                kills += 1
+            except (AssertionError, RuntimeError):
+                pass  # gone meanwhile
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert kills >= 8 and len(confirmed) > 500, (kills, len(confirmed))
+    wait_for(lambda: queue_counts(q)[0] >= len(confirmed), timeout=10, what="the messages")
+    stored = set(drained(q))
+    missing = [body for body in confirmed if body not in stored]
+    assert missing == [], f"{len(missing)} of {len(confirmed)} lost ({failures[0]} told)"
