@@ -87,14 +87,16 @@ def stop_all() -> None:
 class Proxy:
     """One amqproxy-mp master with its workers on free loopback ports."""
 
-    def __init__(self, workers: int, upstream_port: int, logdir: Path) -> None:
+    def __init__(
+        self, workers: int, upstream_port: int, logdir: Path, options: tuple[str, ...] = ()
+    ) -> None:
         self.workers = workers
         self.upstream_port = upstream_port
         self.port = free_port()
         self.http_port = free_port()
         self.log = logdir / f"proxy-w{workers}-{self.port}.log"
         args = ["--listen", "127.0.0.1", "--port", str(self.port)]
-        args += ["--http-port", str(self.http_port), "--workers", str(workers)]
+        args += ["--http-port", str(self.http_port), "--workers", str(workers), *options]
         self.proc = _spawn(
             [sys.executable, "-m", "amqproxy_mp", *args, f"amqp://127.0.0.1:{upstream_port}"],
             self.log,

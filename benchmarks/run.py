@@ -153,7 +153,7 @@ class Bench:
         asyncio.set_event_loop(self.loop)
         self.login = Handshake(USER, PASSWORD, VHOST)
         self.logdir = Path(tempfile.mkdtemp(prefix="amqproxy-bench-logs-"))
-        self._proxies: dict[int, procs.Proxy] = {}
+        self._proxies: dict[tuple[int, tuple[str, ...]], procs.Proxy] = {}
         self._broker = _broker_process()
         self.profile_dir: Path | None = Path(args.profile) if args.profile else None
         self.code = code_version()
@@ -171,11 +171,12 @@ class Bench:
     def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
-    def proxy(self, workers: int) -> procs.Proxy:
-        """The shared proxy with this many workers (towards the broker on loopback)."""
-        if workers not in self._proxies:
-            self._proxies[workers] = procs.Proxy(workers, BROKER_PORT, self.logdir)
-        return self._proxies[workers]
+    def proxy(self, workers: int, options: tuple[str, ...] = ()) -> procs.Proxy:
+        """The shared proxy with this many workers and options (the broker on loopback)."""
+        key = (workers, options)
+        if key not in self._proxies:
+            self._proxies[key] = procs.Proxy(workers, BROKER_PORT, self.logdir, options)
+        return self._proxies[key]
 
     def configs(self) -> list[Config]:
         p1, pn = self.proxy(1), self.proxy(DEFAULT_WORKERS)
@@ -351,12 +352,21 @@ def warm(bench: Bench, configs: list[Config], php_cycles: int = 0) -> None:
 # --- scenarios ------------------------------------------------------------------------------
 
 
-def scenario_php_far(bench: Bench) -> Row:
-    row = Row("php_far", "php-amqp cycle, broker 50 ms away", "ms/cycle", False, "≤ 3 ms")
+def php_far(bench: Bench, policy: str) -> Row:
+    """The PHP cycle with the broker 50 ms away, the proxy with the given close_policy."""
+    target = "≈ 1 RTT (50 ms)" if policy == "processed" else "≤ 3 ms"
+    row = Row(
+        f"php_far{'_local' if policy == 'local' else ''}",
+        f"php-amqp cycle, broker 50 ms away, {policy}",
+        "ms/cycle",
+        False,
+        target,
+    )
     relay = procs.Relay(BROKER_PORT, 25.0, bench.logdir)
+    options = ("--close-policy", policy)
     far = [
-        procs.Proxy(1, relay.port, bench.logdir),
-        procs.Proxy(DEFAULT_WORKERS, relay.port, bench.logdir),
+        procs.Proxy(1, relay.port, bench.logdir, options),
+        procs.Proxy(DEFAULT_WORKERS, relay.port, bench.logdir, options),
     ]
     try:
         configs: list[Config] = [
@@ -366,7 +376,7 @@ def scenario_php_far(bench: Bench) -> Row:
         ]
         warm(bench, configs, php_cycles=20)
         direct_cycles = int(bench.dur(6, 3))
-        proxy_cycles = int(bench.dur(300, 100))
+        proxy_cycles = int(bench.dur(300, 100) if policy == "local" else bench.dur(20, 8))
         bench.interleave(
             row,
             configs,
@@ -377,23 +387,51 @@ def scenario_php_far(bench: Bench) -> Row:
             proxy.stop()
         relay.stop()
     for name in ("w1", "wN"):
-        row.verdicts[name] = row.stats[name].value <= 3.0
+        value = row.stats[name].value
+        row.verdicts[name] = value <= 3.0 if policy == "local" else value <= 60.0
     _latency_details(row)
     row.details.append("relay: 25 ms each way (50 ms RTT) on data; TCP handshakes not delayed")
     return row
 
 
-def scenario_php_loopback(bench: Bench) -> Row:
+def scenario_php_far(bench: Bench) -> Row:
+    return php_far(bench, "processed")
+
+
+def scenario_php_far_local(bench: Bench) -> Row:
+    return php_far(bench, "local")
+
+
+def php_loopback(bench: Bench, policy: str) -> Row:
+    suffix = "_local" if policy == "local" else ""
     row = Row(
-        "php_loopback", "php-amqp cycle, loopback", "ms/cycle", False, "≤ 1.5 ms ≙ ≤ 0.60x direct"
+        f"php_loopback{suffix}",
+        f"php-amqp cycle, loopback, {policy}",
+        "ms/cycle",
+        False,
+        "≤ 1.5 ms ≙ ≤ 0.60x direct",
     )
-    configs = bench.configs()
+    options = ("--close-policy", policy)
+    p1, pn = bench.proxy(1, options), bench.proxy(DEFAULT_WORKERS, options)
+    configs: list[Config] = [
+        ("direct", None, BROKER_PORT),
+        ("w1", p1, p1.port),
+        ("wN", pn, pn.port),
+    ]
     warm(bench, configs, php_cycles=20)
     cycles = int(bench.dur(1000, 200))
     bench.interleave(row, configs, lambda port, proxy: php_measure(port, cycles))
     _ratio_verdicts(row, 1.5 / 2.5)
     _latency_details(row)
     return row
+
+
+def scenario_php_loopback(bench: Bench) -> Row:
+    return php_loopback(bench, "processed")
+
+
+def scenario_php_loopback_local(bench: Bench) -> Row:
+    return php_loopback(bench, "local")
 
 
 def scenario_fast_cycles(bench: Bench) -> Row:
@@ -736,7 +774,9 @@ def _absolute_details(row: Row) -> None:
 
 SCENARIOS: dict[str, Callable[[Bench], Row]] = {
     "php_far": scenario_php_far,
+    "php_far_local": scenario_php_far_local,
     "php_loopback": scenario_php_loopback,
+    "php_loopback_local": scenario_php_loopback_local,
     "fast_cycles": scenario_fast_cycles,
     "pub_1c_100b": scenario_pub_1c_100b,
     "pub_16c_100b": scenario_pub_16c_100b,

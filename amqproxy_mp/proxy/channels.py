@@ -109,6 +109,10 @@ class ClientSide(Protocol):
     def close_with(self, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None: ...
 
 
+#: Requests whose replies go to the client.
+CLIENT_REPLIES: Final = frozenset(
+    (Request.FORWARD, Request.EXCLUSIVE, Request.CONSUME, Request.CONSUME_AUTO_ACK)
+)
 _CONSUMES: Final = frozenset(
     (Request.CONSUME, Request.CONSUME_AUTO_ACK, Request.CONSUME_AUTO_ACK_UNASKED)
 )
@@ -276,14 +280,17 @@ class ChannelLink:
         return self.publishes > self.synced_publishes
 
     @property
+    def awaits_reply(self) -> bool:
+        """The client awaits the broker's answer to a request of its own (the proxy's own
+        requests, whose replies it never sees, do not count)."""
+        return any(request[0] in CLIENT_REPLIES for request in self.requests)
+
+    @property
     def unanswered(self) -> bool:
         """The client published since the broker last answered here, or awaits an answer:
         its Channel.Close is answered after that (close_policy processed), as the broker's
         would be."""
-        return self.publishes > self.synced_publishes or any(
-            request[0] is not Request.DROP and request[0] is not Request.MARKER
-            for request in self.requests
-        )
+        return self.publishes > self.synced_publishes or self.awaits_reply
 
     @property
     def client_open(self) -> bool:

@@ -561,8 +561,8 @@ class ClientSession(FramedProtocol):
         else:
             link.consumer_qos_set = True
             current = link.consumer_prefetch
-        if link.requests:
-            # a reply is due first: the broker's QosOk must not overtake it
+        if link.awaits_reply:
+            # a reply to the client is due first: the broker's QosOk must not overtake it
             link.set_prefetch(count, global_, Request.FORWARD)
             return
         self.send(frame(METHOD, link.client_number, BASIC_QOS_OK_PAYLOAD))
