@@ -78,6 +78,9 @@ class Request(enum.Enum):
     CONSUME_AUTO_ACK = "consume-auto-ack"
     #: The same, asked by the proxy for a client's nowait consume: the reply is dropped.
     CONSUME_AUTO_ACK_UNASKED = "consume-auto-ack-unasked"
+    #: A passive declare of the exchange of a message whose properties RabbitMQ could not
+    #: read: the reply decides between the broker's 404 and its 541 (see client.py).
+    UNREADABLE = "unreadable"
 
 
 class ClientSide(Protocol):
@@ -97,6 +100,8 @@ class ClientSide(Protocol):
     def exclusive_declared(self, link: ChannelLink, queue: str) -> None: ...
 
     def acks_due(self, link: ChannelLink) -> None: ...
+
+    def unreadable_answered(self, link: ChannelLink, exchange_found: bool) -> None: ...
 
     def upstream_blocked(self, upstream: UpstreamConnection) -> None: ...
 
@@ -184,6 +189,7 @@ class ChannelLink:
         "requests",
         "safe",
         "synced_publishes",
+        "unreadable",
         "up",
         "upstream",
         "upstream_number",
@@ -244,6 +250,8 @@ class ChannelLink:
         self.delivery_left = NO_CONTENT
         #: Deliveries handed to the client, to ack once they have left for its socket.
         self.auto_acks: list[int] = []
+        #: The message being received has properties RabbitMQ could not read.
+        self.unreadable = False
 
     # --- sending upstream -------------------------------------------------------------------
 
@@ -347,7 +355,7 @@ class ChannelLink:
     def client_left(self) -> None:
         """The client is gone from this channel: close it upstream, or park it once clean."""
         self.client = None
-        self.owes_close_ok = self.awaits_close_ok = self.forwarding = False
+        self.owes_close_ok = self.awaits_close_ok = self.forwarding = self.unreadable = False
         self.content_parts.clear()
         self.content_expected = NO_CONTENT
         if self.up is not Up.OPEN:
@@ -450,7 +458,9 @@ class ChannelLink:
             return kind is not Request.CONSUME_AUTO_ACK_UNASKED and (
                 client is not None and not self.awaits_close_ok
             )
-        return False  # OPEN, DROP, MARKER
+        if kind is Request.UNREADABLE and client is not None:
+            client.unreadable_answered(self, True)
+        return False  # OPEN, DROP, MARKER, UNREADABLE
 
     def consumer_started(self, tag: str, auto_ack: bool) -> None:
         if self.consumer_tags is None:
@@ -522,6 +532,14 @@ class ChannelLink:
             return
         self.close_answered = True
         self.upstream.send(frame(METHOD, self.upstream_number, CHANNEL_CLOSE_OK_PAYLOAD))
+        unreadable = any(request[0] is Request.UNREADABLE for request in self.requests)
+        if unreadable:
+            # the exchange of an unreadable message is missing: the publish's own 404
+            close = m.decode_broker_method(payload)
+            assert isinstance(close, m.commands.Channel.Close)
+            payload = memoryview(
+                m.close_frame(1, close.reply_code or 0, close.reply_text, 60, 40)[7:-1]
+            )
         self.requests.clear()
         released = self.up is Up.OPEN
         if released:
@@ -533,6 +551,8 @@ class ChannelLink:
         if not self.awaits_close_ok:
             self.awaits_close_ok = True
             client.deliver(METHOD, self.client_number, payload)
+        if unreadable:
+            client.unreadable_answered(self, False)
         if self.owes_close_ok and released:
             # RabbitMQ answers a Close that crosses its own with CloseOk
             self._close_synced()

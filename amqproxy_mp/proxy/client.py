@@ -167,6 +167,8 @@ class ClientSession(FramedProtocol):
         self._closes_pending = 0
         #: Channels with auto-ack deliveries to ack once the client's socket has them.
         self._acks_due: set[ChannelLink] = set()
+        #: The broker's answer about an unreadable message's exchange (see _unreadable).
+        self._verdict: asyncio.Future[None] | None = None
         self._close_reason = ""
         #: The reason label for the disconnect metric.
         self._close_kind = ""
@@ -395,7 +397,21 @@ class ClientSession(FramedProtocol):
         elif frame_type == HEADER:
             if expected != HEADER_EXPECTED:
                 raise FrameError(m.UNEXPECTED_FRAME, *_content_expected(expected))
-            size = check_content_header(payload)
+            try:
+                size = check_content_header(payload)
+            except FrameError as exc:
+                if exc.code != m.INTERNAL_ERROR:
+                    raise
+                # RabbitMQ reads a message's properties only when it publishes it (and its
+                # exchange exists): that is when this one is answered (see _unreadable)
+                size = CONTENT_HEADER.unpack_from(payload)[2]
+                link.content_parts.clear()
+                link.unreadable = True
+            if link.unreadable:
+                link.content_expected = size
+                if size == 0:
+                    self._unreadable(link)
+                return
             if size > self.max_message_size:
                 link.content_parts.clear()
                 link.content_expected = NO_CONTENT
@@ -422,6 +438,11 @@ class ClientSession(FramedProtocol):
                 return
             if expected == WEDGED:
                 return
+            if link.unreadable:
+                link.content_expected = expected - len(payload)
+                if link.content_expected == 0:
+                    self._unreadable(link)
+                return
             if len(payload) + OVERHEAD <= upstream.frame_max:
                 link.content_parts.append(frame(BODY, number, payload))
             else:
@@ -429,6 +450,35 @@ class ClientSession(FramedProtocol):
             link.content_expected = expected - len(payload)
             if link.content_expected == 0:
                 self._publish(link)
+
+    def _unreadable(self, link: ChannelLink) -> None:
+        """A complete message whose properties RabbitMQ could not read. It would look up the
+        exchange first (404 on the channel when it is missing), then fail to read them (541
+        on the connection). So the proxy asks the broker about the exchange, in order on the
+        channel, and reads nothing more from the client until it has answered."""
+        link.unreadable = False
+        link.content_expected = NO_CONTENT
+        exchange = str(m.method_arguments(m.BASIC_PUBLISH, link.last_publish)[1])
+        if not exchange:  # the default exchange is always there
+            self.close_with(m.INTERNAL_ERROR, "INTERNAL_ERROR", kind="protocol_error")
+            return
+        passive = m.encode_method(
+            link.upstream_number, m.commands.Exchange.Declare(exchange=exchange, passive=True)
+        )
+        self._verdict = self.loop.create_future()
+        link.send_request(passive, m.EXCHANGE_DECLARE, Request.UNREADABLE)
+        self.run_paused(self._await_verdict(self._verdict))
+
+    @staticmethod
+    async def _await_verdict(verdict: asyncio.Future[None]) -> None:
+        await verdict
+
+    def unreadable_answered(self, link: ChannelLink, exchange_found: bool) -> None:
+        """The broker answered about the exchange of a message it could not have read."""
+        if self._verdict is not None and not self._verdict.done():
+            self._verdict.set_result(None)
+        if exchange_found and self.phase is Phase.ACTIVE:
+            self.close_with(m.INTERNAL_ERROR, "INTERNAL_ERROR", kind="protocol_error")
 
     def _publish(self, link: ChannelLink) -> None:
         self.stats.published += 1

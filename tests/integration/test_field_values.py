@@ -202,3 +202,19 @@ def test_argument_values_as_directly(proxy: ProxyProcess, names: Names, name: st
     bystander.roundtrip()
     assert proxy.upstream_local_ports() == before
     bystander.close()
+
+
+@pytest.mark.parametrize("exchange", ["itest-values-missing", "amq.direct", ""])
+def test_unreadable_properties_answered_as_directly(proxy: ProxyProcess, exchange: str) -> None:
+    """RabbitMQ looks the exchange up before it reads a message's properties: a NaN header
+    sent to a missing exchange is the channel's 404, to an existing one the connection's 541.
+    A later publish on the same connection tells whether the proxy kept reading in order."""
+    nan = table(b"k", b"d" + struct.pack(">d", float("nan")))
+    setup = publish(exchange, "k", nan) + publish("", "k", b"")
+    results = [
+        outcome(target, setup, b"\x00\x14\x00\x28")  # Channel.Close
+        for target in (DirectTarget(), proxy)
+    ]
+    assert results[1] == results[0]
+    closed = results[0][-1][0] == "closed"
+    assert closed == (exchange != "itest-values-missing"), results[0]
