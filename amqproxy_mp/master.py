@@ -624,7 +624,6 @@ class Master:
     async def _replace(self, slot: Slot) -> str:
         """Start the slot's new worker on the same socket; once it accepts, retire the old
         one. Returns why the new one could not take over ("" when it did)."""
-        old = slot.worker
         new = self._spawn(slot, candidate=True)
         deadline = time.monotonic() + READY_TIMEOUT
         while not new.ready and new.pid in self.workers and time.monotonic() < deadline:
@@ -635,7 +634,9 @@ class Master:
                 return f"did not get ready within {READY_TIMEOUT:g} s"
             return "exited at start"
         new.candidate = False
-        slot.worker = new
+        # (whatever serves the slot now: the old worker may have died meanwhile and its
+        # replacement been started)
+        old, slot.worker = slot.worker, new
         if old is not None and old.pid in self.workers:
             old.retiring = True
             self._kill(old, RETIRE)

@@ -32,6 +32,7 @@ from amqproxy_mp.proxy.client import CHANNEL_MAX as CLIENT_CHANNEL_MAX
 from amqproxy_mp.proxy.client import ClientSession
 from amqproxy_mp.proxy.exchange_types import ExchangeTypes
 from amqproxy_mp.proxy.pool import Pools
+from amqproxy_mp.proxy.queue_types import QueueTypes
 from amqproxy_mp.proxy.upstream import UpstreamSettings
 from amqproxy_mp.tls import listener_tls_context, upstream_tls_context
 
@@ -119,6 +120,7 @@ class Worker:
         #: Sessions past Connection.OpenOk (what max_client_connections limits).
         self.active_sessions = 0
         self.exchange_types = ExchangeTypes(self.pools)
+        self.queue_types = QueueTypes()
         self.connection_start = m.encode_method(
             0,
             commands.Connection.Start(

@@ -51,6 +51,8 @@ CHANNEL_CLOSE_OK: Final = commands.Channel.CloseOk.index
 EXCHANGE_DECLARE: Final = commands.Exchange.Declare.index
 QUEUE_DECLARE: Final = commands.Queue.Declare.index
 QUEUE_DECLARE_OK: Final = commands.Queue.DeclareOk.index
+QUEUE_DELETE: Final = commands.Queue.Delete.index
+QUEUE_PURGE: Final = commands.Queue.Purge.index
 BASIC_QOS: Final = B.Qos.index
 BASIC_QOS_OK: Final = B.QosOk.index
 BASIC_CONSUME: Final = B.Consume.index
@@ -65,6 +67,8 @@ BASIC_GET_OK: Final = B.GetOk.index
 BASIC_ACK: Final = B.Ack.index
 BASIC_RECOVER: Final = B.Recover.index
 BASIC_RECOVER_ASYNC: Final = B.RecoverAsync.index
+BASIC_RECOVER_OK: Final = B.RecoverOk.index
+TX_SELECT: Final = commands.Tx.Select.index
 #: Basic.Publish's flags octet: bit 1 is `immediate`, which RabbitMQ does not implement.
 PUBLISH_IMMEDIATE: Final = 0x02
 

@@ -106,7 +106,12 @@ class FramedProtocol(asyncio.Protocol):
         finally:
             view.release()
         if pos:
-            del buf[:pos]
+            try:
+                del buf[:pos]
+            except BufferError:
+                # a view of a frame outlived its handling (an exception's traceback can keep
+                # one): the buffer cannot shrink in place, so the rest moves to a new one
+                self._buf = buf[pos:]
 
     def count_received(self, size: int) -> None:
         """Add to this hop's byte counter (plain ints; exported to metrics in batches)."""

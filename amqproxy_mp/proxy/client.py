@@ -71,6 +71,11 @@ NOWAIT_BIT: Final = 0x10
 CONSUME_NO_ACK_BIT: Final = 0x02
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 CONSUME_NOWAIT_BIT: Final = 0x08
+RECOVER_PAYLOAD: Final = m.encode_method(0, m.commands.Basic.Recover(requeue=True))[7:-1]
+#: Basic.Cancel's flags octet (its last): bit 0 is nowait.
+CANCEL_NOWAIT_BIT: Final = 0x01
+#: Queue.Delete's flags octet (its last): if_unused 0x01, if_empty 0x02, nowait 0x04.
+DELETE_NOWAIT_BIT: Final = 0x04
 #: The argument that names a queue, in every method that names one (for exclusivity).
 QUEUE_METHODS: Final = frozenset(
     method.index
@@ -385,8 +390,8 @@ class ClientSession(FramedProtocol):
                 link.safe = False
                 if len(payload) != m.DELIVERY_ACK_SIZE:
                     m.method_arguments(mid, payload)  # raises the broker's FRAME_ERROR
-                link.client_acked(payload)
-                link.send(frame(METHOD, number, payload))
+                if link.auto_ack_tags is None or link.client_acked(payload):
+                    link.send(frame(METHOD, number, payload))
                 return
             if mid in m.CLIENT_CHANNEL_METHODS:
                 self._channel_method(link, mid, payload)
@@ -525,8 +530,11 @@ class ClientSession(FramedProtocol):
         know) and send it, unless the proxy answers it itself."""
         arguments = m.method_arguments(mid, payload)
         kind = Request.FORWARD
-        if mid in QUEUE_METHODS and not self._queue_accessible(link, mid, arguments):
-            return
+        if mid in QUEUE_METHODS:
+            if not self._queue_accessible(link, mid, arguments):
+                return
+            # what RabbitMQ would close the whole (shared) connection for, refused here
+            self.worker.queue_types.check(self.vhost, mid, arguments)
         if mid == m.BASIC_QOS:
             self._qos(link, *arguments)
             return
@@ -535,14 +543,41 @@ class ClientSession(FramedProtocol):
                 raise FrameError(
                     m.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - requeue=false", 60, mid & 0xFFFF
                 )
+            if link.auto_ack_tags is not None:
+                link.recover()
+                if mid == m.BASIC_RECOVER_ASYNC:  # the proxy must see where the requeue ends
+                    payload = memoryview(RECOVER_PAYLOAD)
+                    mid, kind = m.BASIC_RECOVER, Request.DROP
+        elif mid == m.TX_SELECT:
+            link.settle_auto_acks()
+            link.transactional = True
         elif mid == m.BASIC_CONSUME:
             self._consume(link, payload, arguments)
             return
         elif mid == m.BASIC_CANCEL:
-            if link.consumer_tags:
-                link.consumer_tags.discard(str(arguments[0]))
+            cancel = link.cancel_kind(str(arguments[0]), arguments[1])
+            if cancel is not None:  # the proxy must see where its deliveries end
+                payload[-1] &= ~CANCEL_NOWAIT_BIT
+                arguments[1] = False
+                kind = cancel
         elif mid == m.QUEUE_DECLARE:
+            if not arguments[2]:
+                types = self.worker.queue_types
+                types.declared(self.vhost, str(arguments[1]), payload, arguments[7])
             kind = self._queue_declare(link, payload, arguments)
+        elif mid == m.QUEUE_DELETE:
+            queue = str(arguments[1])
+            if not (arguments[2] or arguments[3]):
+                self.worker.queue_types.deleted(self.vhost, queue)
+            if link.upstream.exclusive_owners.get(queue) is self:
+                # its name is free again (for others too, as directly) once it is deleted
+                kind = Request.DELETE_EXCLUSIVE
+                if arguments[4]:  # nowait: the proxy asks for the reply (and drops it)
+                    payload[-1] &= ~DELETE_NOWAIT_BIT
+                    arguments[4] = False
+                    kind = Request.DELETE_EXCLUSIVE_UNASKED
+                self._send_method(link, mid, payload, arguments, kind, queue)
+                return
         elif (
             mid == m.EXCHANGE_DECLARE
             and not arguments[3]  # passive
@@ -560,11 +595,12 @@ class ClientSession(FramedProtocol):
         payload: bytes | memoryview,
         arguments: list[Any],
         kind: Request = Request.FORWARD,
+        subject: str = "",
     ) -> None:
         data = frame(METHOD, link.upstream_number, payload)
         nowait = NOWAIT_ARGUMENT.get(mid)
         if mid in SYNCHRONOUS and (nowait is None or not arguments[nowait]):
-            link.send_request(data, mid, kind)
+            link.send_request(data, mid, kind, subject)
         else:
             link.send(data)
 
@@ -626,8 +662,9 @@ class ClientSession(FramedProtocol):
         reads slowly slows the broker down instead of filling the proxy's memory, and a
         client that goes away loses nothing the broker would not have kept for it."""
         queue, tag, nowait = str(arguments[1]), str(arguments[2]), arguments[6]
-        # (RabbitMQ pushes direct reply-to replies itself and refuses an acking consumer)
-        no_ack = arguments[4] and queue != DIRECT_REPLY_TO
+        # (RabbitMQ pushes direct reply-to replies itself and refuses an acking consumer;
+        # on a transactional channel the proxy's acks would wait for the client's commit)
+        no_ack = arguments[4] and queue != DIRECT_REPLY_TO and not link.transactional
         link.safe = False
         link.reset_inherited_prefetch()
         tags = link.consumer_tags
@@ -638,20 +675,25 @@ class ClientSession(FramedProtocol):
             )
         kind = Request.FORWARD
         if tag:
-            link.consumer_started(tag, bool(no_ack))
-        elif no_ack:
-            kind = Request.CONSUME_AUTO_ACK
-        elif not nowait:
+            link.consumer_tag_taken(tag)
+        if no_ack:
+            kind = Request.NAMED_AUTO_ACK if tag else Request.CONSUME_AUTO_ACK
+        elif not (tag or nowait):
             kind = Request.CONSUME
         flags = 4 + 2 + 1 + len(queue.encode("utf-8", "surrogateescape")) + 1
         flags += len(tag.encode("utf-8", "surrogateescape"))
         if no_ack:
             payload[flags] &= ~CONSUME_NO_ACK_BIT
-            if nowait and not tag:  # the proxy must learn the tag: it asks for the ConsumeOk
+            if nowait:  # the proxy acks from the ConsumeOk on: it asks for one
                 payload[flags] &= ~CONSUME_NOWAIT_BIT
                 arguments[6] = False
-                kind = Request.CONSUME_AUTO_ACK_UNASKED
-        window = no_ack or not (link.consumer_prefetch or queue == DIRECT_REPLY_TO)
+                kind = Request.NAMED_AUTO_ACK_UNASKED if tag else Request.CONSUME_AUTO_ACK_UNASKED
+        # (a stream consumer must set its own prefetch: RabbitMQ refuses it one without)
+        window = no_ack or not (
+            link.consumer_prefetch
+            or queue == DIRECT_REPLY_TO
+            or self.worker.queue_types.get(self.vhost, queue) == "stream"
+        )
         previous = link.consumer_prefetch
         if window:
             link.set_prefetch(self.worker.config.consumer_window, False, Request.DROP)
@@ -700,9 +742,28 @@ class ClientSession(FramedProtocol):
         self.exclusive_queues.setdefault(upstream, set()).add(queue)
         upstream.exclusive_owners[queue] = self
 
+    def exclusive_deleted(self, link: ChannelLink, queue: str) -> None:
+        upstream = link.upstream
+        if upstream.exclusive_owners.get(queue) is self:
+            del upstream.exclusive_owners[queue]
+            self.exclusive_queues[upstream].discard(queue)
+
     def _close_channel(self, link: ChannelLink, code: int, text: str, mid: int) -> None:
         """Close one channel at the proxy, as the broker would: Channel.Close to the client
-        (which must confirm), the upstream channel given back behind it."""
+        (which must confirm), the upstream channel given back behind it. Like the broker's,
+        it comes after the answers to what the client sent before: until then, the client's
+        frames on the channel are dropped (see ChannelLink.error_due)."""
+        link.error_due = (code, text, mid)
+        if link.unanswered:
+            if link.unsynced:
+                link.sync()
+            return
+        self.channel_error_due(link)
+
+    def channel_error_due(self, link: ChannelLink) -> None:
+        """Send the Channel.Close for an error the proxy found (see _close_channel)."""
+        assert link.error_due is not None
+        code, text, mid = link.error_due
         number = link.client_number
         link.client_left()
         stub = ChannelLink(self, number, link.upstream, 0)
@@ -728,6 +789,8 @@ class ClientSession(FramedProtocol):
             raise FrameError(
                 m.CHANNEL_ERROR, "CHANNEL_ERROR - expected 'channel.open'", mid >> 16, mid & 0xFFFF
             )
+        if link.error_due:
+            return  # the client does not know it yet: as after an error, the broker drops it
         if link.awaits_close_ok:
             # The channel is closed on the client's side too: as the broker's closing channel,
             # answer a Close and wait for the CloseOk; drop everything else.
@@ -853,7 +916,9 @@ class ClientSession(FramedProtocol):
             for link in list(self.channels.values()):
                 if link.owes_close_ok:
                     pending += 1  # its Channel.Close is under way: that answer comes first
-                elif link.client_open and not link.client_close(None, True, True):
+                elif (link.client_open or link.error_due) and not link.client_close(
+                    None, True, True
+                ):
                     pending += 1
         self._closes_pending = pending
         if not pending:
@@ -927,15 +992,27 @@ class ClientSession(FramedProtocol):
             self._login = None
 
     def _tune_ok(self, channel_max: int, frame_max: int, heartbeat: int) -> None:
-        frame_max = frame_max or DEFAULT_FRAME_MAX
-        if not MIN_FRAME_MAX <= frame_max <= DEFAULT_FRAME_MAX:
-            raise FrameError(
-                m.SYNTAX_ERROR,
-                f"SYNTAX_ERROR - frame_max {frame_max} outside "
-                f"{MIN_FRAME_MAX}..{DEFAULT_FRAME_MAX}",
-            )
+        """As RabbitMQ: a value outside what Tune offered (0 meaning no limit) drops the
+        connection, with no Connection.Close."""
+        for field, value, lowest, offered in (
+            ("frame_max", frame_max, MIN_FRAME_MAX, DEFAULT_FRAME_MAX),
+            ("channel_max", channel_max, 1, CHANNEL_MAX),
+        ):
+            if value and value < lowest:
+                raise FrameError(
+                    DROP,
+                    f"negotiated {field} = {value} is lower than the minimum allowed value "
+                    f"({lowest})",
+                )
+            if value == 0 or value > offered:
+                detail = " (no limit)" if field == "channel_max" and value == 0 else ""
+                raise FrameError(
+                    DROP,
+                    f"negotiated {field} = {value}{detail} is higher than the maximum allowed "
+                    f"value ({offered})",
+                )
         self.frame_max = frame_max
-        self.channel_max = min(channel_max or CHANNEL_MAX, CHANNEL_MAX)
+        self.channel_max = channel_max
         self.heartbeat = heartbeat
         self.phase = Phase.OPEN
 
@@ -1014,10 +1091,11 @@ class ClientSession(FramedProtocol):
 
     def _release_channels(self) -> None:
         for upstream, queues in self.exclusive_queues.items():
-            upstream.delete_queues(queues, self.channels.values())
-            for queue in queues:
-                if upstream.exclusive_owners.get(queue) is self:
-                    del upstream.exclusive_owners[queue]
+            mine = {queue for queue in queues if upstream.exclusive_owners.get(queue) is self}
+            for queue in mine:
+                del upstream.exclusive_owners[queue]
+            if mine:
+                upstream.delete_queues(mine, self, self.channels.values())
         self.exclusive_queues.clear()
         for link in self.channels.values():
             if link.client is self:

@@ -28,9 +28,11 @@ from amqproxy_mp.amqp.transport import DEFAULT_FRAME_MAX, FramedProtocol
 from amqproxy_mp.proxy.channels import (
     CHANNEL_CLOSE_OK_PAYLOAD,
     CHANNEL_OPEN_PAYLOAD,
+    NO_CONTENT,
     ChannelLink,
     ChannelNumbers,
     ClientSide,
+    Request,
     Up,
 )
 
@@ -383,7 +385,7 @@ class UpstreamConnection(FramedProtocol):
                 link.broker_method(method_id(payload), payload)
             elif link.forwarding and link.client is not None:
                 link.client.deliver(frame_type, link.client_number, payload)
-                if link.delivering:
+                if link.delivery_left != NO_CONTENT:
                     link.content_forwarded(frame_type, payload)
             return
         if frame_type == METHOD:
@@ -540,13 +542,16 @@ class UpstreamConnection(FramedProtocol):
 
     def _close_clients(self, code: int, text: str, class_id: int, method_id: int) -> None:
         self._end_probe(code, text)
-        clients = self.clients()
+        # those with a channel here, and those whose exclusive queues it takes with it (a
+        # client with neither loses nothing: it carries on elsewhere)
+        clients = {id(c): c for c in self.exclusive_owners.values()}
+        clients.update((id(c), c) for c in self.clients())
         for link in self.channels.values():
             link.upstream_gone()
         self.channels.clear()
         self._release_held()
         self.blocked_clients.clear()
-        for client in clients:
+        for client in clients.values():
             client.close_with(code, text, class_id, method_id)
 
     def clients(self) -> list[ClientSide]:
@@ -584,13 +589,21 @@ class UpstreamConnection(FramedProtocol):
             if not self.channels:
                 self.idle_since = time.monotonic()
 
-    def delete_queues(self, queues: set[str], links: Iterable[ChannelLink]) -> None:
+    def delete_queues(
+        self, queues: set[str], client: ClientSide | None, links: Iterable[ChannelLink]
+    ) -> None:
         """Delete a departing client's exclusive queues, on one of its open channels here
-        or else on a channel opened for just that."""
+        or else on a channel opened for just that. The deletes are requests, so that the
+        channel is parked (or closed) only once they are done."""
         if self.state != READY:
             return
         link = next(
-            (x for x in links if x.upstream is self and x.up is Up.OPEN and x.client_open), None
+            (
+                x
+                for x in links
+                if x.client is client and x.upstream is self and x.up is Up.OPEN and x.client_open
+            ),
+            None,
         )
         temporary = link is None
         if link is None:
@@ -599,8 +612,10 @@ class UpstreamConnection(FramedProtocol):
                 log.warning("no free channel to delete exclusive queues %s", sorted(queues))
                 return
         for queue in sorted(queues):
-            delete = commands.Queue.Delete(queue=queue, nowait=True)
-            link.send(m.encode_method(link.upstream_number, delete))
+            delete = commands.Queue.Delete(queue=queue)
+            link.send_request(
+                m.encode_method(link.upstream_number, delete), m.QUEUE_DELETE, Request.DROP
+            )
         if temporary:
             link.client_left()
 

@@ -245,3 +245,123 @@ def test_an_earlier_clients_global_prefetch_does_not_bind_the_next(
     wait_for(lambda: queue_counts(q)[0] == 10, what="10 left in the queue")
     b.close()
     setup.close()
+
+
+def frames_until(c: RawClient, stop: type, limit: int = 20) -> list[str]:
+    """Names of the frames on channel 1 up to a method of type `stop` (included)."""
+    seen: list[str] = []
+    while len(seen) < limit:
+        _, value = c.read_frame()
+        name = type(value).__name__
+        seen.append(f"{name} {value.reply_code}" if hasattr(value, "reply_code") else name)
+        if isinstance(value, stop):
+            break
+    return seen
+
+
+@pytest.mark.parametrize("queue_has", ["a message", "nothing"])
+def test_a_get_pipelined_with_its_channels_close_is_answered_first(
+    proxy_factory: ProxyFactory, names: Names, queue_has: str
+) -> None:
+    """Basic.Get then Channel.Close at once: the reply (with its message) comes before the
+    CloseOk, and nothing else on the upstream connection notices."""
+    outcomes = []
+    for target in targets(proxy_factory):
+        q = names.queue("get-close")
+        setup = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST, BROKER_PORT))
+        setup.channel().queue_declare(q)
+        if queue_has == "a message":
+            setup.channel().basic_publish("", q, b"precious")
+        setup.close()
+        bystander = Bystander(target, names)
+        with raw(target) as c:
+            c.send(commands.Channel.Open(), 1)
+            c.read_method()
+            c.send_raw(
+                frame.marshal(commands.Basic.Get(queue=q, no_ack=True), 1)
+                + frame.marshal(commands.Channel.Close(200, "bye", 0, 0), 1)
+            )
+            outcomes.append(frames_until(c, commands.Channel.CloseOk))
+        bystander.roundtrip()
+        bystander.close()
+        assert queue_counts(q)[0] == 0
+    assert outcomes[1] == outcomes[0]
+    assert outcomes[0][-1] == "CloseOk"
+
+
+def test_a_channel_error_comes_after_the_replies_to_what_came_before(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """B gets a message (no_ack) and, in the same write, touches A's exclusive queue: RabbitMQ
+    answers the Get, with its message, then closes the channel (405). The proxy finds the 405
+    itself (A is on the same upstream connection) and must not drop the GetOk before it."""
+    outcomes = []
+    locked = f"itest-locked-{uuid.uuid4().hex[:8]}"
+    for target in targets(proxy_factory):
+        q = names.queue("before-error")
+        setup = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST, BROKER_PORT))
+        setup.channel().queue_declare(q)
+        setup.channel().basic_publish("", q, b"precious")
+        setup.close()
+        with raw(target) as a, raw(target) as b:
+            for c in (a, b):
+                c.send(commands.Channel.Open(), 1)
+                c.read_method()
+            a.send(commands.Queue.Declare(queue=locked, exclusive=True), 1)
+            a.read_method()
+            b.send_raw(
+                frame.marshal(commands.Basic.Get(queue=q, no_ack=True), 1)
+                + frame.marshal(commands.Queue.Declare(queue=locked, passive=True), 1)
+            )
+            outcomes.append(frames_until(b, commands.Channel.Close))
+    assert outcomes[0] == ["GetOk", "ContentHeader", "ContentBody", "Close 405"]
+    assert outcomes[1] == outcomes[0]
+
+
+def test_an_exclusive_queue_its_client_deleted_is_free_for_another(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """A declares an exclusive queue and deletes it; B may then declare it (exclusive)."""
+    outcomes = []
+    for target in targets(proxy_factory):
+        q = f"itest-freed-{uuid.uuid4().hex[:8]}"
+        with raw(target) as a, raw(target) as b:
+            for c in (a, b):
+                c.send(commands.Channel.Open(), 1)
+                c.read_method()
+            a.send(commands.Queue.Declare(queue=q, exclusive=True), 1)
+            a.read_method()
+            a.send(commands.Queue.Delete(queue=q), 1)
+            a.read_method()
+            b.send(commands.Queue.Declare(queue=q, exclusive=True), 1)
+            outcomes.append(type(b.read_method()[1]).__name__)
+            b.send(commands.Queue.Delete(queue=q), 1)
+            b.read_method()
+    assert outcomes == ["DeclareOk", "DeclareOk"]
+
+
+def test_a_queue_of_the_same_name_made_after_a_client_deleted_its_own_survives_it(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """A declares an exclusive queue and deletes it; someone else then makes a queue of that
+    name; A leaves: that queue, and its messages, are not A's to take."""
+    for target in targets(proxy_factory):
+        q = names.queue("not-yours")
+        with raw(target) as a:
+            a.send(commands.Channel.Open(), 1)
+            a.read_method()
+            a.send(commands.Queue.Declare(queue=q, exclusive=True, auto_delete=True), 1)
+            a.read_method()
+            a.send(commands.Queue.Delete(queue=q), 1)
+            a.read_method()
+            other = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST, BROKER_PORT))
+            och = other.channel()
+            och.queue_declare(q)
+            for _ in range(3):
+                och.basic_publish("", q, b"theirs")
+            a.send(commands.Connection.Close(200, "bye", 0, 0))
+            a.read_method()
+        time.sleep(0.5)
+        assert queue_counts(q)[0] == 3
+        och.queue_delete(q)
+        other.close()

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from pamqp import commands
 
-from .helpers import AMQP_HEADER, Names, ProxyFactory, RawClient, Target, queue_counts
+from .helpers import (
+    AMQP_HEADER,
+    DirectTarget,
+    Names,
+    ProxyFactory,
+    RawClient,
+    RawClosed,
+    Target,
+    queue_counts,
+)
 
 PHP_DIR = Path(__file__).parent / "php"
 
@@ -129,3 +138,48 @@ def test_php_amqplib_amqplain_handshake(proxy: Target, names: Names) -> None:
     assert out["content_type"] == "application/octet-stream"
     assert out["message_id"] == "php-amqplib-1"
     assert queue_counts(q) == (0, 0)
+
+
+def tune_outcome(target: Target, channel_max: int, frame_max: int) -> str:
+    """What the server does with this TuneOk: "OpenOk", a Close's code, or "dropped"."""
+    from pamqp import frame
+
+    with RawClient(target.host, target.port, timeout=10) as c:
+        c.send_raw(AMQP_HEADER)
+        c.read_method()
+        c.send(commands.Connection.StartOk({}, "PLAIN", "\0guest\0guest", "en_US"))
+        c.read_method()
+        c.send_raw(
+            frame.marshal(commands.Connection.TuneOk(channel_max, frame_max, 0), 0)
+            + frame.marshal(commands.Connection.Open("/"), 0)
+        )
+        try:
+            _, answer = c.read_method()
+        except (RawClosed, OSError):
+            return "dropped"
+        return (
+            type(answer).__name__ if not hasattr(answer, "reply_code") else str(answer.reply_code)
+        )
+
+
+@pytest.mark.parametrize(
+    ("channel_max", "frame_max"),
+    [
+        (0, 131072),
+        (2048, 131072),
+        (2047, 0),
+        (2047, 131073),
+        (2047, 4095),
+        (1, 4096),
+        (2047, 131072),
+    ],
+)
+def test_tune_ok_values_are_taken_or_refused_as_the_broker_does(
+    proxy: Target, channel_max: int, frame_max: int
+) -> None:
+    """RabbitMQ drops the connection for a TuneOk outside what its Tune offered (0 meaning
+    "no limit", so above it); the proxy offers the same and must do the same."""
+    direct = tune_outcome(DirectTarget(), channel_max, frame_max)
+    assert tune_outcome(proxy, channel_max, frame_max) == direct
+    acceptable = (channel_max, frame_max) in ((1, 4096), (2047, 131072))
+    assert (direct == "OpenOk") == acceptable, direct

@@ -110,6 +110,23 @@ def with_content(method_frame: bytes) -> bytes:
     return method_frame + content_header() + body()
 
 
+#: Stream and quorum queues the cases declare (durable: deleted at the end of the module).
+TYPED_QUEUES = Names()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _delete_typed_queues() -> Iterator[None]:
+    yield
+    TYPED_QUEUES.cleanup()
+
+
+def typed_queue(queue_type: str, then: Callable[[str], bytes]) -> bytes:
+    """Declare a new durable queue of that type on channel 1, then send what `then` makes."""
+    q = TYPED_QUEUES.queue(f"typed-{queue_type}")
+    declare = commands.Queue.Declare(queue=q, durable=True, arguments={"x-queue-type": queue_type})
+    return method(declare) + then(q)
+
+
 CASES = [
     # --- methods RabbitMQ answers with a connection-level error --------------------------
     Case("basic.publish immediate=true", lambda: publish(flags=2) + content_header() + body()),
@@ -125,6 +142,20 @@ CASES = [
          lambda: EXCLUSIVE_DECLARE
          + method(commands.Basic.Consume(queue="", consumer_tag="tag-1"))
          + method(commands.Basic.Consume(queue="", consumer_tag="tag-1"))),
+    # --- methods a queue's type makes a connection-level error --------------------------------
+    Case("basic.get on a stream queue",
+         lambda: typed_queue("stream", lambda q: method(commands.Basic.Get(queue=q)))),
+    Case("queue.purge on a stream queue",
+         lambda: typed_queue("stream", lambda q: method(commands.Queue.Purge(queue=q)))),
+    Case("basic.consume no_ack on a stream queue",
+         lambda: typed_queue("stream", lambda q: method(commands.Basic.Qos(prefetch_count=10))
+                             + method(commands.Basic.Consume(queue=q, no_ack=True)))),
+    Case("queue.delete if-unused on a quorum queue",
+         lambda: typed_queue("quorum",
+                             lambda q: method(commands.Queue.Delete(queue=q, if_unused=True)))),
+    Case("queue.delete if-empty on a quorum queue",
+         lambda: typed_queue("quorum",
+                             lambda q: method(commands.Queue.Delete(queue=q, if_empty=True)))),
     # --- method frames RabbitMQ cannot decode ----------------------------------------------
     Case("queue.declare with bytes after its arguments",
          lambda: raw_frame(1, 1, queue_declare_payload(b"", 8, table(b"")) + b"xx")),
@@ -212,8 +243,9 @@ Outcome = tuple[int, str, int, int] | str
 
 
 def unwrapped(text: str) -> str:
-    """RabbitMQ's texts print Erlang terms with io_lib's line wrapping; the proxy's do not."""
-    return re.sub(r"\n\s*", "", text)
+    """RabbitMQ's texts print Erlang terms with io_lib's line wrapping; the proxy's do not.
+    (A typed queue's name is new for each target.)"""
+    return re.sub(r"itest-typed-\w+?-[0-9a-f]+", "Q", re.sub(r"\n\s*", "", text))
 
 
 def outcome(target: Target, data: bytes) -> Outcome:

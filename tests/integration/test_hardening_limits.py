@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pika
 import pika.exceptions
 import pytest
-from pamqp import commands
+from pamqp import commands, frame
 
 from .helpers import (
     Names,
@@ -381,3 +381,28 @@ def test_upstream_max_lifetime_retires_the_connection(
     wait_for(lambda: p.upstream_local_ports() == {new}, 5, what="the old connection closed")
     p.wait_log(r"closed: max lifetime of 2 s reached")
     b.close()
+
+
+def test_a_flood_of_pipelined_qos_costs_its_sender_linear_work(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """100 000 Basic.Qos in one write, each changing the prefetch: every one is answered and
+    the worker stays up (a scan of the requests under way per Qos made this quadratic: the
+    worker stopped beating and was killed, with every client on it)."""
+    p = proxy_factory("-t", "60", "--worker-timeout", "10", direct_ok=False)
+    assert isinstance(p, ProxyProcess)
+    pids = p.pids()
+    count = 100_000
+    flood = b"".join(
+        frame.marshal(commands.Basic.Qos(prefetch_count=1 + (i & 1)), 1) for i in range(count)
+    )
+    with RawClient(p.host, p.port, timeout=60) as c:
+        assert "open_ok" in c.handshake()
+        c.send(commands.Channel.Open(), 1)
+        c.read_method()
+        sender = threading.Thread(target=c.send_raw, args=(flood,), daemon=True)
+        sender.start()
+        answered = sum(isinstance(c.read_method()[1], commands.Basic.QosOk) for _ in range(count))
+        sender.join(60)
+    assert answered == count
+    assert p.pids() == pids

@@ -12,10 +12,14 @@ from pamqp import commands
 
 from .helpers import (
     AMQP_HEADER,
+    DirectTarget,
     ProxyFactory,
     ProxyProcess,
     RawClient,
+    Target,
+    close_broker_connection,
     http_request,
+    read_until_connection_close,
     wait_for,
 )
 
@@ -85,3 +89,32 @@ def test_clients_in_their_handshake_do_not_count_against_max_client_connections(
         s.close()
     first.close()
     second.close()
+
+
+def test_a_client_whose_exclusive_queue_went_with_an_upstream_connection_is_told(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """Directly, the connection that holds an exclusive queue is the client's own: when the
+    broker closes it, the client knows. Through the proxy the client may have no channel left
+    on that upstream connection; it must be closed all the same, or it would carry on without
+    its queue."""
+    answers = []
+    targets: list[Target] = [DirectTarget(), proxy_factory("-t", "60")]
+    for target in targets:
+        with RawClient(target.host, target.port) as c:
+            assert "open_ok" in c.handshake()
+            c.send(commands.Channel.Open(), 1)
+            c.read_method()
+            c.send(commands.Queue.Declare(queue="", exclusive=True), 1)
+            c.read_method()
+            c.send(commands.Channel.Close(200, "done with it", 0, 0), 1)
+            c.read_method()
+            if isinstance(target, ProxyProcess):
+                (port,) = target.upstream_local_ports()
+            else:
+                port = c.sock.getsockname()[1]
+            close_broker_connection(port, "itest node maintenance")
+            close, _ = read_until_connection_close(c)
+            answers.append(None if close is None else (close.reply_code, close.reply_text))
+    assert answers[0] == (320, "CONNECTION_FORCED - itest node maintenance")
+    assert answers[1] == answers[0]

@@ -105,3 +105,25 @@ def test_a_payload_may_reach_frame_max_itself() -> None:
     proto.data_received(frame(BODY, 1, b"x" * 4096) + frame(BODY, 1, b"x" * 4097))
     assert proto.frames == [(BODY, 1, b"x" * 4096)]
     assert "{frame_too_large,4097,4088}" in proto.errors[0].text
+
+
+class Keeper(Recorder):
+    """Keeps a view of each frame past its handling, as an exception's traceback can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.views: list[memoryview] = []
+
+    def frame_received(self, frame_type: int, channel: int, payload: memoryview) -> None:
+        super().frame_received(frame_type, channel, payload)
+        self.views.append(payload)
+
+
+def test_a_frame_view_kept_past_its_handling_does_not_stop_the_reading() -> None:
+    data, expected = stream(6, 3)
+    proto = Keeper()
+    half = len(data) // 2
+    proto.data_received(data[:half])
+    proto.data_received(data[half:])
+    assert proto.frames == expected
+    assert not proto.errors
