@@ -353,14 +353,15 @@ class Master:
         return [slot for _, slot in sorted(self.slots.items()) if not slot.removed]
 
     def _add_slot(self, number: int) -> None:
-        config = self.config
-        slot = Slot(
-            number,
-            self._open_listeners(config.listen_port) if config.listen_port else [],
-            self._open_listeners(config.tls_port) if config.tls_port else [],
-        )
+        slot = Slot(number, [], [])
+        self._open_slot_sockets(slot)
         self.slots[number] = slot
         self._spawn(slot)
+
+    def _open_slot_sockets(self, slot: Slot) -> None:
+        config = self.config
+        slot.sockets = self._open_listeners(config.listen_port) if config.listen_port else []
+        slot.tls_sockets = self._open_listeners(config.tls_port) if config.tls_port else []
 
     def _retire_slot(self, slot: Slot) -> None:
         slot.removed = True
@@ -481,6 +482,10 @@ class Master:
         delay = 0.0 if slot.failures <= 1 else min(MAX_BACKOFF, 2.0 ** (slot.failures - 2))
         slot.restart_at = now + delay
         if delay:
+            # Until it is back, the kernel would still queue a share of the new connections on
+            # its socket, where nobody accepts them: close it, so that they go to the other
+            # workers (or are refused, with one worker) instead of waiting for the restart.
+            self._close_slot_sockets(slot)
             log.error(
                 "worker %d (pid %d) %s after %.1f s; %d failures in a row, restarting in %g s",
                 worker.slot,
@@ -525,6 +530,13 @@ class Master:
             return
         for slot in self._live_slots():
             if slot.worker is None and now >= slot.restart_at:
+                if not (slot.sockets or slot.tls_sockets):
+                    try:
+                        self._open_slot_sockets(slot)
+                    except OSError as exc:
+                        log.error("worker %d cannot listen again: %s", slot.number, exc)
+                        slot.restart_at = now + MAX_BACKOFF
+                        continue
                 self._spawn(slot)
             elif (
                 slot.worker is not None

@@ -26,10 +26,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .helpers import (
+    AMQP_HEADER,
     BROKER_HOST,
     BROKER_PORT,
     REPO_ROOT,
     ProxyProcess,
+    RawClient,
     close_reason,
     free_port,
     queue_counts,
@@ -396,3 +398,26 @@ def test_usr1_reopens_the_log_file(proxy_factory: ProxyFactory, tmp_path: Path) 
         what="the worker writing to the new file",
     )
     assert "reopening the log file" in rotated.read_text()
+
+
+def test_while_a_worker_backs_off_new_connections_go_to_the_others(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """Worker 1 dies quickly again and again, so its restart is delayed: meanwhile every new
+    client is served by worker 2 at once (none waits in the dead worker's listen queue)."""
+    p = proxy_factory("--workers", "2")
+    wait_for(lambda: len(workers_of(p)) == 2, what="2 workers")
+    for kill in range(4):  # restarted at once, then in 1 s, 2 s, and (the last) 4 s
+        pid = workers_of(p)[1]
+        os.kill(pid, signal.SIGKILL)
+        if kill < 3:
+            wait_for(lambda: workers_of(p).get(1, pid) != pid, timeout=10, what="a new worker 1")
+    p.wait_log(r"failures in a row, restarting in 4 s", timeout=10)
+    answered = 0
+    for _ in range(20):
+        with RawClient(p.host, p.port, timeout=2) as c:
+            c.send_raw(AMQP_HEADER)
+            c.read_method()  # Connection.Start, or a timeout that fails the test
+            answered += 1
+    assert answered == 20
+    wait_for(lambda: len(workers_of(p)) == 2, timeout=15, what="worker 1 back")
