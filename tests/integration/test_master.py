@@ -411,7 +411,7 @@ def test_while_a_worker_backs_off_new_connections_go_to_the_others(
         pid = workers_of(p)[1]
         os.kill(pid, signal.SIGKILL)
         if kill < 3:
-            wait_for(lambda: workers_of(p).get(1, pid) != pid, timeout=10, what="a new worker 1")
+            wait_for(lambda old=pid: workers_of(p).get(1, old) != old, timeout=10, what="worker 1")
     p.wait_log(r"failures in a row, restarting in 4 s", timeout=10)
     answered = 0
     for _ in range(20):
