@@ -330,13 +330,13 @@ class Acknowledge(Step):
 
     channel: int = 1
     method: str = "ack"
-    which: int = -1  # index into the channel's delivery tags
+    which: int | None = -1  # index into the channel's delivery tags; None: tag 0 (all)
     multiple: bool = False
     requeue: bool = True
 
     def run(self, run: Run) -> None:
         tags = run.client(self.client).delivery_tags.get(self.channel) or [0]
-        tag = tags[self.which % len(tags)]
+        tag = 0 if self.which is None else tags[self.which % len(tags)]
         if self.method == "ack":
             method: Any = commands.Basic.Ack(tag, self.multiple)
         elif self.method == "nack":
@@ -355,7 +355,8 @@ class Burst(Step):
     reuse: a publish to a missing exchange and the close of its channel, a new channel and a
     good publish and its close (the upstream channel of the first is the one the proxy
     would like to give the second). fail-close: a failing publish and the channel's close,
-    crossing the broker's Channel.Close.
+    crossing the broker's Channel.Close. get-close: a Basic.Get and its channel's close (the
+    reply, and its message, before the CloseOk).
     """
 
     kind: str = "reuse"
@@ -378,6 +379,13 @@ class Burst(Step):
             run.send(self.client, data)
             for channel in (self.channel, self.other):
                 self._until_closed(run, channel, since)
+        elif self.kind == "get-close":
+            get = commands.Basic.Get(queue=run.name(self.queue), no_ack=True)
+            since = run.mark(self.client)
+            run.send(
+                self.client, method_frame(self.channel, get) + method_frame(self.channel, close)
+            )
+            self._until_closed(run, self.channel, since)
         else:
             missing = Publish(self.client, self.channel, MISSING_EXCHANGE, "k", body="small")
             since = run.mark(self.client)
@@ -468,7 +476,9 @@ def generate(seed: int, length: int = 24) -> Program:
         elif roll < 0.19:  # (on channels 5 and 6, which nothing else uses)
             steps.append(Burst(c, "reuse", 5, 6, rng.choice(QUEUES)))
         elif roll < 0.22:
-            steps.append(Burst(c, "fail-close", n))
+            steps.append(
+                Burst(c, rng.choice(["fail-close", "get-close"]), n, 6, rng.choice(QUEUES))
+            )
             open_channels.discard(n)
         elif roll < 0.25:
             steps.append(PhpCycles(PHP_CLIENT, rng.randint(1, 4), rng.choice(QUEUES)))
@@ -536,9 +546,9 @@ def _channel_steps(rng: random.Random, c: int, n: int) -> list[Step]:
         return [Call(c, n, "basic.cancel", (rng.randrange(3),))]
     if kind == "ack":
         method = rng.choice(["ack", "ack", "nack", "reject"])
-        step = Acknowledge(
-            c, n, method, rng.choice([-1, 0]), rng.random() < 0.3, rng.random() < 0.7
-        )
+        which = rng.choice([-1, 0, None]) if method != "reject" else rng.choice([-1, 0])
+        multiple = which is None or rng.random() < 0.3
+        step = Acknowledge(c, n, method, which, multiple, rng.random() < 0.7)
         return [step, sync]
     if kind == "recover":
         return [Call(c, n, "basic.recover")]

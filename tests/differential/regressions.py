@@ -9,7 +9,7 @@ tests/integration, see docs/testing.md.)
 
 from __future__ import annotations
 
-from .program import Connect, OpenChannel, Program, Publish, Step
+from .program import Burst, Call, Connect, OpenChannel, Program, Publish, Step
 
 REGRESSIONS: dict[str, list[Step]] = {
     # A message whose properties RabbitMQ cannot read (a NaN header), to a missing exchange:
@@ -25,6 +25,17 @@ REGRESSIONS: dict[str, list[Step]] = {
         Connect(3, frame_max=4096),
         OpenChannel(3, 1),
         Publish(3, 1, "x0", "q1", headers="NaN"),
+    ],
+    # A Basic.Get and its channel's close in one write: the reply settled the close, which
+    # let go of the client before the reply was passed on; the proxy's own error closed the
+    # shared upstream connection, and client 1 with it (seed 4; commit 108aaa1).
+    "a reply before the close it settles": [
+        Connect(2),
+        OpenChannel(2, 1),
+        Connect(1),
+        OpenChannel(1, 1),
+        Call(1, 1, "queue.declare", ("q1", False, False, False, "ttl")),
+        Burst(2, "get-close", 1, 6, "q1"),
     ],
 }
 
