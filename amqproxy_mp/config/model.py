@@ -1,0 +1,81 @@
+"""What a load produces: plain frozen values, so the rest of the proxy never sees raw input."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported to the operator as one line before anything binds."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The broker, reduced to what the proxy uses: credentials and vhost come from each client."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "amqps"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The field defaults are the only defaults: the option table reads them from here."""
+
+    upstream: Upstream
+    listen_address: str = "localhost"
+    listen_port: int = 5673
+    tls_port: int = 0
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    http_port: int = 15673
+    http_address: str = "127.0.0.1"
+    log_level: str = "info"
+    idle_connection_timeout: float = 5.0
+    max_upstream_channels: int = 0
+    max_upstream_connections: int = 100
+    upstream_max_lifetime: float = 3600.0
+    max_client_connections: int = 10000
+    term_client_close_timeout: float = 0.0
+    term_timeout: float = -1.0
+    retire_client_close_timeout: float = 5.0
+    close_policy: str = "processed"
+    client_heartbeat: int = 60
+    upstream_heartbeat: int = 60
+    client_handshake_timeout: float = 10.0
+    client_max_buffer: int = 32 * 1024 * 1024
+    consumer_window: int = 1000
+    max_message_size: int = 128 * 1024 * 1024
+    upstream_connect_timeout: float = 10.0
+    upstream_tls_ca_file: str | None = None
+    upstream_tls_cert_file: str | None = None
+    upstream_tls_key_file: str | None = None
+    upstream_tls_insecure_skip_verify: bool = False
+    log_file: str | None = None
+    workers: int = 0
+    worker_timeout: float = 30.0
+    config_file: str | None = None
+
+    @property
+    def worker_count(self) -> int:
+        """`workers`, with 0 meaning one per CPU."""
+        return self.workers or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """The config plus, per option, where its value came from, for --print-config and errors."""
+
+    config: Config
+    sources: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
