@@ -25,7 +25,7 @@ from .program import generate
 
 def proxies(workers: list[int], logdir: Path, started: list[object]) -> list[Target]:
     """Start one proxy per worker count; each is appended to `started` for the caller to stop."""
-    from tests.integration.helpers import ProxyProcess
+    from tests.support.proxy import ProxyProcess
 
     targets = []
     for count in workers:

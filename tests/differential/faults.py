@@ -401,7 +401,7 @@ class Faults:
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        from tests.integration.helpers import rabbitmqctl
+        from tests.support.broker import rabbitmqctl
 
         while not self.done.wait(self.rng.uniform(0.5, 2.5)):
             if self.kind == "close_connection":
@@ -439,7 +439,7 @@ class Faults:
 
 
 def ensure_other_vhost() -> None:
-    from tests.integration.helpers import rabbitmqctl
+    from tests.support.broker import rabbitmqctl
 
     rabbitmqctl("add_vhost", OTHER_VHOST, check=False)
     rabbitmqctl("set_permissions", "-p", OTHER_VHOST, "guest", ".*", ".*", ".*")
@@ -447,7 +447,7 @@ def ensure_other_vhost() -> None:
 
 def run_faults(minutes: float, threads: int, first_seed: int, logdir: Path) -> list[Outcome]:
     """A third of the time for each kind of fault, programs running all along."""
-    from tests.integration.helpers import ProxyProcess
+    from tests.support.proxy import ProxyProcess
 
     ensure_other_vhost()
     relay = Relay()

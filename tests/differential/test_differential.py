@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import ProxyProcess, amqp_answers
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import amqp_answers
 
 from .cli import run_seeds
 from .faults import run_faults

@@ -17,19 +17,11 @@ import pika
 import pika.exceptions
 import pytest
 
-from .helpers import (
-    BROKER_HOST,
-    BROKER_PORT,
-    Aux,
-    DirectTarget,
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    RabbitAdmin,
-    Target,
-    amqp_answers,
-    wait_for,
-)
+from tests.support.broker import BROKER_HOST, BROKER_PORT, Aux, Names, RabbitAdmin
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import amqp_answers
+from tests.support.targets import DirectTarget, ProxyFactory, Target
+from tests.support.util import wait_for
 
 # pika logs every broker Channel.Close at WARNING; the tests provoke many on purpose
 logging.getLogger("pika").setLevel(logging.ERROR)
@@ -216,7 +208,7 @@ def require_proxy(direct_mode: bool) -> None:
 @pytest.fixture
 def restore_watermark() -> Iterator[Callable[[], None]]:
     """Always puts vm_memory_high_watermark back, whatever the test did."""
-    from .helpers import memory_high_watermark, rabbitmqctl
+    from tests.support.broker import memory_high_watermark, rabbitmqctl
 
     original = memory_high_watermark()
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pika
 
-from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, wait_for
+from tests.support.broker import BROKER_HOST, BROKER_PORT
+from tests.support.util import REPO_ROOT, wait_for
 
 DEPLOY = REPO_ROOT / "deploy"
 

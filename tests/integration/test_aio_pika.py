@@ -13,7 +13,9 @@ import aiormq.exceptions
 import pytest
 from pamqp import commands
 
-from .helpers import Names, Target, queue_counts, wait_for
+from tests.support.broker import Names, queue_counts
+from tests.support.targets import Target
+from tests.support.util import wait_for
 
 BODY = b"\x00aio\xce\xff" * 1000
 

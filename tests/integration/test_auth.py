@@ -11,7 +11,10 @@ import pika.exceptions
 import pytest
 from pamqp import commands
 
-from .helpers import Aux, ProxyFactory, RawClient, Target, close_reason
+from tests.support.broker import Aux
+from tests.support.pika_client import close_reason
+from tests.support.raw_client import RawClient
+from tests.support.targets import ProxyFactory, Target
 
 ACCESS_REFUSED_PLAIN = (
     "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. "

@@ -17,15 +17,10 @@ import pika
 import pytest
 from pamqp import commands
 
-from .helpers import (
-    BROKER_HOST,
-    BROKER_PORT,
-    DirectTarget,
-    Names,
-    ProxyProcess,
-    RawClient,
-    Target,
-)
+from tests.support.broker import BROKER_HOST, BROKER_PORT, Names
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import RawClient
+from tests.support.targets import DirectTarget, Target
 
 
 @pytest.fixture(scope="module")

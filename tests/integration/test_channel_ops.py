@@ -13,7 +13,11 @@ import pytest
 from pamqp import body as pbody
 from pamqp import commands, frame, header
 
-from .helpers import Names, RawClient, Target, drain, get_all, queue_counts, wait_for
+from tests.support.broker import Names, queue_counts
+from tests.support.pika_client import drain, get_all
+from tests.support.raw_client import RawClient
+from tests.support.targets import Target
+from tests.support.util import wait_for
 
 BODY = bytes(range(256)) * 4 + b"\r\n\x00\xce\xff end"
 

@@ -9,7 +9,10 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from .helpers import Names, ProxyFactory, drain, get_all, queue_counts, wait_for
+from tests.support.broker import Names, queue_counts
+from tests.support.pika_client import drain, get_all
+from tests.support.targets import ProxyFactory
+from tests.support.util import wait_for
 
 
 def publish_and_get_own(conn: pika.BlockingConnection, q: str, body: bytes) -> list[Any]:

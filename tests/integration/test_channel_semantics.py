@@ -12,20 +12,12 @@ import pika.exceptions
 import pytest
 from pamqp import commands, frame
 
-from .helpers import (
-    BROKER_HOST,
-    BROKER_PORT,
-    Bystander,
-    DirectTarget,
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    RawClient,
-    Target,
-    drain,
-    queue_counts,
-    wait_for,
-)
+from tests.support.broker import BROKER_HOST, BROKER_PORT, Names, queue_counts
+from tests.support.pika_client import Bystander, drain
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import RawClient
+from tests.support.targets import DirectTarget, ProxyFactory, Target
+from tests.support.util import wait_for
 
 
 def targets(proxy_factory: ProxyFactory, *options: str) -> list[Target]:
@@ -365,3 +357,4 @@ def test_a_queue_of_the_same_name_made_after_a_client_deleted_its_own_survives_i
         assert queue_counts(q)[0] == 3
         och.queue_delete(q)
         other.close()
+

@@ -23,7 +23,11 @@ import pika
 import pika.exceptions
 import pytest
 
-from .helpers import Aux, DirectTarget, Names, Target, get_all, queue_counts, wait_for
+from tests.support.broker import Aux, Names, queue_counts
+from tests.support.pika_client import get_all
+from tests.support.targets import DirectTarget, Target
+from tests.support.util import wait_for
+
 from .test_php import php
 
 NODE_DIR = Path(__file__).parent / "node"

@@ -22,20 +22,14 @@ import pytest
 from pamqp import commands, frame
 from pamqp import header as pheader
 
-from .helpers import (
-    BROKER_HOST,
-    BROKER_PORT,
-    DirectTarget,
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    RawClient,
-    Relay,
-    Target,
-    get_all,
-    queue_counts,
-    wait_for,
-)
+from tests.support.broker import BROKER_HOST, BROKER_PORT, Names, queue_counts
+from tests.support.pika_client import get_all
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import RawClient
+from tests.support.relay import Relay
+from tests.support.targets import DirectTarget, ProxyFactory, Target
+from tests.support.util import wait_for
+
 from .test_php import php
 
 POLICIES = ["processed", "local"]
@@ -348,7 +342,7 @@ def test_every_message_of_a_clean_close_survives_upstream_failures(
     Connection.Close 320.)"""
     import threading
 
-    from .helpers import close_broker_connection
+    from tests.support.broker import close_broker_connection
 
     p = target(proxy_factory, "processed")
     assert isinstance(p, ProxyProcess)

@@ -16,20 +16,12 @@ import pika.exceptions
 import pytest
 from pamqp import commands
 
-from .helpers import (
-    Aux,
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    RawClient,
-    Target,
-    close_broker_connection,
-    drain,
-    get_all,
-    list_connections,
-    queue_counts,
-    wait_for,
-)
+from tests.support.broker import Aux, Names, close_broker_connection, list_connections, queue_counts
+from tests.support.pika_client import drain, get_all
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import RawClient
+from tests.support.targets import ProxyFactory, Target
+from tests.support.util import wait_for
 
 
 def roundtrip(ch: Any, q: str, body: bytes) -> None:

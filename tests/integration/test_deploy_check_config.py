@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.proxy import proxy_env
+from tests.support.util import REPO_ROOT
+
 from .deploy_helpers import DEPLOY
-from .helpers import REPO_ROOT, proxy_env
 
 
 def amqproxy(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -24,9 +24,11 @@ import pytest
 import yaml
 
 from amqproxy_mp.config import load_config
+from tests.support.broker import BROKER_HOST, BROKER_PORT
+from tests.support.proxy import proxy_env
+from tests.support.util import REPO_ROOT, wait_for
 
 from .deploy_helpers import DEPLOY, Daemon, free_ports, require_tool, substitute
-from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, proxy_env, wait_for
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"

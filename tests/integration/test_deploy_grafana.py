@@ -21,6 +21,10 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.support.broker import BROKER_HOST, BROKER_PORT
+from tests.support.proxy import proxy_env
+from tests.support.util import REPO_ROOT, wait_for
+
 from .deploy_helpers import (
     DEPLOY,
     Daemon,
@@ -30,11 +34,10 @@ from .deploy_helpers import (
     require_tool,
     temp_queue,
 )
-from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, proxy_env, wait_for
 
 DASHBOARD = DEPLOY / "grafana" / "amqproxy.json"
 
-#: What the issue asks the dashboard to show, and the metric that shows it.
+#: What the dashboard must show, and the metric that shows it.
 REQUIRED = {
     "clients": "amqproxy_client_connections",
     "upstream connections": "amqproxy_upstream_connections",

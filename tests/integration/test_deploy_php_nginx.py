@@ -24,6 +24,9 @@ import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.proxy import ProxyProcess, proxy_env
+from tests.support.util import wait_for
+
 from .deploy_helpers import (
     DEPLOY,
     Daemon,
@@ -35,7 +38,6 @@ from .deploy_helpers import (
     substitute,
     temp_queue,
 )
-from .helpers import ProxyProcess, proxy_env, wait_for
 
 PHP_DIR = DEPLOY / "php"
 SITE_CONF = DEPLOY / "nginx" / "default.conf"

@@ -28,6 +28,9 @@ import psutil
 import pytest
 
 from amqproxy_mp.config import load_config
+from tests.support.pika_client import close_reason
+from tests.support.proxy import proxy_env
+from tests.support.util import REPO_ROOT, wait_for
 
 from .deploy_helpers import (
     EXAMPLE_INI,
@@ -41,7 +44,6 @@ from .deploy_helpers import (
     substitute,
     temp_queue,
 )
-from .helpers import REPO_ROOT, close_reason, proxy_env, wait_for
 
 PROGRAM_CONF = REPO_ROOT / "supervisor" / "amqproxy.conf"
 TERM_CLIENT_CLOSE_TIMEOUT = 2

@@ -25,6 +25,9 @@ from pathlib import Path
 import pytest
 
 from amqproxy_mp.config import load_config
+from tests.support.broker import BROKER_HOST, BROKER_PORT
+from tests.support.proxy import proxy_env
+from tests.support.util import REPO_ROOT
 
 from .deploy_helpers import (
     DEPLOY,
@@ -34,7 +37,6 @@ from .deploy_helpers import (
     port_open,
     require_tool,
 )
-from .helpers import BROKER_HOST, BROKER_PORT, REPO_ROOT, proxy_env
 
 UNIT = DEPLOY / "systemd" / "amqproxy.service"
 EXAMPLE_INI = DEPLOY / "systemd" / "amqproxy.ini"

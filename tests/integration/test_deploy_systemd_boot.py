@@ -37,6 +37,9 @@ import psutil
 import pytest
 from packaging.requirements import Requirement
 
+from tests.support.pika_client import close_reason
+from tests.support.util import REPO_ROOT, wait_for
+
 from .deploy_helpers import (
     DEPLOY,
     Daemon,
@@ -48,7 +51,6 @@ from .deploy_helpers import (
     require_tool,
     temp_queue,
 )
-from .helpers import REPO_ROOT, close_reason, wait_for
 
 UNIT = DEPLOY / "systemd" / "amqproxy.service"
 TERM_CLIENT_CLOSE_TIMEOUT = 2

@@ -14,17 +14,11 @@ import pika
 import pytest
 from pamqp import commands, frame
 
-from .helpers import (
-    BROKER_HOST,
-    BROKER_PORT,
-    Bystander,
-    DirectTarget,
-    Names,
-    ProxyProcess,
-    RawClient,
-    RawClosed,
-    Target,
-)
+from tests.support.broker import BROKER_HOST, BROKER_PORT, Names
+from tests.support.pika_client import Bystander
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import RawClient, RawClosed
+from tests.support.targets import DirectTarget, Target
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 
@@ -135,7 +129,7 @@ GET_REPLIES = (b"\x00\x3c\x00\x47", b"\x00\x3c\x00\x48")  # GetOk, GetEmpty
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from .helpers import ProxyProcess
+    from tests.support.proxy import ProxyProcess
 
     p = ProxyProcess(tmp_path_factory.mktemp("values") / "proxy.log", ("-t", "60"))
     p.start()
@@ -218,3 +212,4 @@ def test_unreadable_properties_answered_as_directly(proxy: ProxyProcess, exchang
     assert results[1] == results[0]
     closed = results[0][-1][0] == "closed"
     assert closed == (exchange != "itest-values-missing"), results[0]
+

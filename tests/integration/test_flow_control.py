@@ -8,7 +8,9 @@ from typing import Any
 
 import pika
 
-from .helpers import Names, Target, drain, queue_counts, rabbitmqctl
+from tests.support.broker import Names, queue_counts, rabbitmqctl
+from tests.support.pika_client import drain
+from tests.support.targets import Target
 
 
 def test_blocked_and_unblocked_reach_pika_clients(

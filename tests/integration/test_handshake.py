@@ -9,16 +9,9 @@ from pathlib import Path
 import pytest
 from pamqp import commands
 
-from .helpers import (
-    AMQP_HEADER,
-    DirectTarget,
-    Names,
-    ProxyFactory,
-    RawClient,
-    RawClosed,
-    Target,
-    queue_counts,
-)
+from tests.support.broker import Names, queue_counts
+from tests.support.raw_client import AMQP_HEADER, RawClient, RawClosed
+from tests.support.targets import DirectTarget, ProxyFactory, Target
 
 PHP_DIR = Path(__file__).parent / "php"
 

@@ -17,7 +17,9 @@ import pika
 import pika.exceptions
 import pytest
 
-from .helpers import ProxyFactory, RabbitAdmin, Target, close_reason, rabbitmqctl
+from tests.support.broker import RabbitAdmin, rabbitmqctl
+from tests.support.pika_client import close_reason
+from tests.support.targets import ProxyFactory, Target
 
 ACCESS_REFUSED_PLAIN = (
     "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. "

@@ -18,17 +18,12 @@ import pytest
 from pamqp import body as pbody
 from pamqp import commands, frame, header
 
-from .helpers import (
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    RawClient,
-    RawClosed,
-    RssSampler,
-    queue_counts,
-    rabbitmqctl,
-    wait_for,
-)
+from tests.support.broker import Names, queue_counts, rabbitmqctl
+from tests.support.memory import RssSampler
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import RawClient, RawClosed
+from tests.support.targets import ProxyFactory
+from tests.support.util import wait_for
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 

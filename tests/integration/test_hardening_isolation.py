@@ -15,16 +15,11 @@ from dataclasses import dataclass
 import pytest
 from pamqp import commands, frame
 
-from .helpers import (
-    Bystander,
-    DirectTarget,
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    RawClient,
-    Target,
-    read_until_connection_close,
-)
+from tests.support.broker import Names
+from tests.support.pika_client import Bystander
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import RawClient, read_until_connection_close
+from tests.support.targets import DirectTarget, ProxyFactory, Target
 
 # pamqp warns about the deprecated Basic.RecoverAsync a case sends on purpose
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

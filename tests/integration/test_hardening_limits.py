@@ -14,16 +14,13 @@ import pika.exceptions
 import pytest
 from pamqp import commands, frame
 
-from .helpers import (
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    RawClient,
-    close_reason,
-    get_all,
-    metric_sample,
-    wait_for,
-)
+from tests.support.broker import Names
+from tests.support.pika_client import close_reason, get_all
+from tests.support.proxy import ProxyProcess
+from tests.support.proxy_http import metric_sample
+from tests.support.raw_client import RawClient
+from tests.support.targets import ProxyFactory
+from tests.support.util import wait_for
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 

@@ -23,19 +23,13 @@ import pika.exceptions
 import pytest
 from pamqp import commands
 
-from .helpers import (
-    Bystander,
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    RawClient,
-    Target,
-    drain,
-    metric_sample,
-    queue_counts,
-    rabbitmqctl,
-    wait_for,
-)
+from tests.support.broker import Names, queue_counts, rabbitmqctl
+from tests.support.pika_client import Bystander, drain
+from tests.support.proxy import ProxyProcess
+from tests.support.proxy_http import metric_sample
+from tests.support.raw_client import RawClient
+from tests.support.targets import ProxyFactory, Target
+from tests.support.util import wait_for
 
 
 def locked_text(queue: str, vhost: str = "/") -> str:

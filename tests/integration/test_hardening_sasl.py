@@ -10,18 +10,11 @@ import pika
 import pytest
 from pamqp import commands, encode
 
-from .helpers import (
-    AMQP_HEADER,
-    DirectTarget,
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    RabbitAdmin,
-    RawClient,
-    RawClosed,
-    RssSampler,
-    Target,
-)
+from tests.support.broker import Names, RabbitAdmin
+from tests.support.memory import RssSampler
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import AMQP_HEADER, RawClient, RawClosed
+from tests.support.targets import DirectTarget, ProxyFactory, Target
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 

@@ -1,4 +1,4 @@
-"""Issue 4, the AMQPS listener (--tls-port, --tls-cert-file, --tls-key-file, optional
+"""The AMQPS listener (--tls-port, --tls-cert-file, --tls-key-file, optional
 --tls-client-ca-file for mutual TLS), beside the plain listener or instead of it (--port 0).
 Real pika clients over TLS; the CA and certificates are made by the test with the openssl CLI.
 (Upstream TLS, amqps:// towards the broker, is test_tls.py.)"""
@@ -18,7 +18,10 @@ import pika
 import pika.exceptions
 import pytest
 
-from .helpers import Names, ProxyProcess, free_port, get_all, wait_for
+from tests.support.broker import Names
+from tests.support.pika_client import get_all
+from tests.support.proxy import ProxyProcess
+from tests.support.util import free_port, wait_for
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 

@@ -8,7 +8,10 @@ from typing import Any
 
 import pika
 
-from .helpers import Names, ProxyFactory, ProxyProcess, drain, get_all, queue_counts
+from tests.support.broker import Names, queue_counts
+from tests.support.pika_client import drain, get_all
+from tests.support.proxy import ProxyProcess
+from tests.support.targets import ProxyFactory
 
 
 def hb_proxy(proxy_factory: Any) -> Any:

@@ -6,7 +6,8 @@ import urllib.request
 
 import pytest
 
-from .helpers import ProxyFactory, ProxyProcess
+from tests.support.proxy import ProxyProcess
+from tests.support.targets import ProxyFactory
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 

@@ -9,7 +9,9 @@ from typing import Any
 import pika
 import pytest
 
-from .helpers import BROKER_HOST, BROKER_PORT, Target, drain
+from tests.support.broker import BROKER_HOST, BROKER_PORT
+from tests.support.pika_client import drain
+from tests.support.targets import Target
 
 MIB = 1024 * 1024
 

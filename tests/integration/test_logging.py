@@ -8,7 +8,9 @@ import re
 import pytest
 from pamqp import commands
 
-from .helpers import ProxyFactory, ProxyProcess, RawClient
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import RawClient
+from tests.support.targets import ProxyFactory
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 

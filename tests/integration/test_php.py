@@ -11,19 +11,11 @@ from typing import Any
 import pika
 import pytest
 
-from .helpers import (
-    BROKER_HOST,
-    BROKER_PORT,
-    PROXY_CONNECTION_NAME,
-    Aux,
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    Target,
-    get_all,
-    queue_counts,
-    wait_for,
-)
+from tests.support.broker import BROKER_HOST, BROKER_PORT, Aux, Names, queue_counts
+from tests.support.pika_client import get_all
+from tests.support.proxy import PROXY_CONNECTION_NAME, ProxyProcess
+from tests.support.targets import ProxyFactory, Target
+from tests.support.util import wait_for
 
 PHP_DIR = Path(__file__).parent / "php"
 

@@ -10,18 +10,12 @@ import uuid
 import pytest
 from pamqp import commands
 
-from .helpers import (
-    AMQP_HEADER,
-    DirectTarget,
-    ProxyFactory,
-    ProxyProcess,
-    RawClient,
-    Target,
-    close_broker_connection,
-    http_request,
-    read_until_connection_close,
-    wait_for,
-)
+from tests.support.broker import close_broker_connection
+from tests.support.proxy import ProxyProcess
+from tests.support.proxy_http import http_request
+from tests.support.raw_client import AMQP_HEADER, RawClient, read_until_connection_close
+from tests.support.targets import DirectTarget, ProxyFactory, Target
+from tests.support.util import wait_for
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 

@@ -6,7 +6,10 @@ import time
 
 import pika
 
-from .helpers import PROXY_CONNECTION_NAME, Aux, ProxyFactory, ProxyProcess, get_all
+from tests.support.broker import Aux
+from tests.support.pika_client import get_all
+from tests.support.proxy import PROXY_CONNECTION_NAME, ProxyProcess
+from tests.support.targets import ProxyFactory
 
 
 def use_channel(ch: pika.adapters.blocking_connection.BlockingChannel, tag: str) -> None:

@@ -11,19 +11,12 @@ import pika.exceptions
 import pytest
 from pamqp import body, commands, frame, header
 
-from .helpers import (
-    BROKER_HOST,
-    BROKER_PORT,
-    Names,
-    ProxyFactory,
-    ProxyProcess,
-    RawClient,
-    Target,
-    drain,
-    get_all,
-    queue_counts,
-    wait_for,
-)
+from tests.support.broker import BROKER_HOST, BROKER_PORT, Names, queue_counts
+from tests.support.pika_client import drain, get_all
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import RawClient
+from tests.support.targets import ProxyFactory, Target
+from tests.support.util import wait_for
 
 
 def test_client_dying_mid_message_publishes_nothing(

@@ -11,7 +11,11 @@ import pika.exceptions
 import pytest
 from pamqp import commands
 
-from .helpers import Names, ProxyFactory, ProxyProcess, RawClient, RawClosed, wait_for
+from tests.support.broker import Names
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import RawClient, RawClosed
+from tests.support.targets import ProxyFactory
+from tests.support.util import wait_for
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 

@@ -19,7 +19,10 @@ import pika.exceptions
 import pytest
 from pamqp import commands
 
-from .helpers import BROKER_HOST, BROKER_PORT, Names, ProxyFactory, RawClient, Target, get_all
+from tests.support.broker import BROKER_HOST, BROKER_PORT, Names
+from tests.support.pika_client import get_all
+from tests.support.raw_client import RawClient
+from tests.support.targets import ProxyFactory, Target
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 

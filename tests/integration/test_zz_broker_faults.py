@@ -1,4 +1,4 @@
-"""Issue 4, broker faults: the broker stops (rabbitmqctl stop_app / start_app), dies (kill -9 of
+"""Broker faults: the broker stops (rabbitmqctl stop_app / start_app), dies (kill -9 of
 its beam.smp, then `rabbitmq-server -detached`), or is not there when the proxy starts.
 
 Every affected client gets Connection.Close with a real reply code (the broker's own when the
@@ -28,21 +28,13 @@ import pika.exceptions
 import pytest
 from pamqp import commands
 
-from .helpers import (
-    BROKER_HOST,
-    BROKER_PORT,
-    Aux,
-    ProxyFactory,
-    ProxyProcess,
-    RawClient,
-    amqp_answers,
-    close_reason,
-    free_port,
-    http_request,
-    metric_sample,
-    rabbitmqctl,
-    wait_for,
-)
+from tests.support.broker import BROKER_HOST, BROKER_PORT, Aux, rabbitmqctl
+from tests.support.pika_client import close_reason
+from tests.support.proxy import ProxyProcess
+from tests.support.proxy_http import http_request, metric_sample
+from tests.support.raw_client import RawClient, amqp_answers
+from tests.support.targets import ProxyFactory
+from tests.support.util import free_port, wait_for
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 

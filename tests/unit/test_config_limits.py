@@ -1,4 +1,4 @@
-"""Validation of the issue 4 options (limits, timeouts, the AMQPS listener) through
+"""Validation of the hardening options (limits, timeouts, the AMQPS listener) through
 amqproxy_mp.config.load_config: every source, exact one-line messages, nothing started."""
 
 from __future__ import annotations
