@@ -1,9 +1,12 @@
-"""The master process: listening sockets, worker processes, signals, health and metrics.
+"""The master process (the arbiter): signals, spawning, reaping, back-off and reload.
 
-Modelled on gunicorn's arbiter. The master never speaks AMQP and keeps no client
-state. It opens one SO_REUSEPORT listening socket per worker slot before forking
-(as nginx does), so a slot's socket, and the connections queued on it, outlive
-the worker that accepts from it: a crashed worker's replacement inherits them.
+Modelled on gunicorn's arbiter. The master never speaks AMQP and keeps no client state. Each
+worker slot has its own listening sockets (`amqproxy_mp.listeners`), opened before the slot's
+worker is forked, so a crashed worker's replacement inherits them. Each signal is handled by
+the ``handle_<name>`` method of its name. A worker whose heartbeats stop for `worker_timeout`
+gets SIGABRT, which makes it write every thread's stack to the log before it dies, and SIGKILL
+if it is still there `ABORT_TIMEOUT` later. What the master reports (/healthz, /metrics,
+/pools) is `amqproxy_mp.status`'s, the /healthz verdict `amqproxy_mp.health`'s.
 """
 
 from __future__ import annotations
@@ -11,32 +14,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
+import faulthandler
 import logging
 import os
 import signal
 import socket
-import stat
-import tempfile
+import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import IO, Final
 
 from amqproxy_mp import __version__
+from amqproxy_mp import listeners as ls
 from amqproxy_mp.config import Config, ConfigError, load_config
-from amqproxy_mp.http import Response, start_http_server
+from amqproxy_mp.health import HealthState, SlotState, workers_verdict
 from amqproxy_mp.logs import reopen_log_file, setup_logging
-from amqproxy_mp.metrics import (
-    MasterMetrics,
-    WorkerInfo,
-    archive_dead_process,
-    prepare_directory,
-    read_pool_status,
-)
+from amqproxy_mp.metrics import WorkerInfo, archive_dead_process
+from amqproxy_mp.status import Status
 from amqproxy_mp.systemd import SystemdNotifier, watchdog_interval
 from amqproxy_mp.tls import check_tls_files
-from amqproxy_mp.worker import LISTEN_BACKLOG
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +46,9 @@ MAX_BACKOFF: Final = 30.0
 READY_TIMEOUT: Final = 15.0
 #: After a quick stop, workers that are still there after this are killed.
 QUICK_STOP_TIMEOUT: Final = 10.0
-#: How often the master checks that the broker accepts TCP connections (for /healthz).
-UPSTREAM_CHECK_INTERVAL: Final = 2.0
-#: A worker whose last heartbeat is older than this (or than half of worker_timeout, so
-#: that /healthz turns 503 before the worker is killed) does not count as up in /healthz.
-BEAT_AGE: Final = 2.0
-#: Failed starts in a row from which /healthz reports a slot as crash-looping.
-CRASH_LOOP: Final = 3
+#: A hung worker still there this long after its SIGABRT (a stopped one cannot even dump its
+#: stack) gets SIGKILL.
+ABORT_TIMEOUT: Final = 5.0
 
 #: Tells a worker to stop accepting and drain its clients because it is being replaced.
 RETIRE: Final = signal.SIGUSR2
@@ -80,6 +73,8 @@ class WorkerProcess:
     candidate: bool = False
     #: Why the master killed it, if it did ("timeout"); otherwise the exit status tells.
     kill_reason: str = ""
+    #: When it gets SIGKILL if it is still there after the SIGABRT for missed heartbeats.
+    kill_at: float = 0.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -93,10 +88,6 @@ class Slot:
     restart_at: float = 0.0
     last_exit: str = ""
     removed: bool = False
-
-
-class MasterError(Exception):
-    """A start-up failure the operator must fix (port in use, ...); exit code 1."""
 
 
 def describe_exit(status: int) -> tuple[str, str]:
@@ -116,19 +107,21 @@ class Master:
         self.workers: dict[int, WorkerProcess] = {}
         self.restarts: Counter[str] = Counter()
         self.stopping = ""  # "", "graceful" or "quick"
-        self.metrics_dir = ""
-        self._own_metrics_dir = False
         self._wakeup: asyncio.Event | None = None
-        self._http: asyncio.Server | None = None
         self._reloading = False
         self._reload_again = False
         self._quick_stop_deadline = 0.0
-        self._metrics: MasterMetrics | None = None
-        #: Why the last TCP check of the broker failed; "" when it answered.
-        self.upstream_error = ""
         #: Why the last reload failed (the previous configuration is still running); "" when
         #: it succeeded or there was none.
         self.reload_error = ""
+        #: The metrics directory, the broker probe, and /healthz, /metrics and /pools.
+        self.status = Status(
+            lambda: self.config,
+            self._health_state,
+            lambda: [WorkerInfo(w.slot, w.pid) for w in self.workers.values()],
+            self.restarts,
+            lambda: self.reload_error,
+        )
         self._systemd = SystemdNotifier(os.environ)
         self._watchdog = watchdog_interval(os.environ)
         self._watchdog_at = 0.0
@@ -144,150 +137,41 @@ class Master:
             log.error("%s", exc)
             return 2
         try:
-            self._check_port_free()
-        except MasterError as exc:
+            ls.check_ports_free(self.config)
+        except ls.ListenerError as exc:
             log.error("%s", exc)
             return 1
-        self._check_tcp_migrate_req()
-        self._setup_metrics_dir()
-        title = f"amqproxy: master [{self._listen_text()} -> {self.config.upstream}]"
-        _set_title(title)
+        ls.check_tcp_migrate_req()
+        self.status.open_metrics_dir()
+        _set_title(f"amqproxy: master [{ls.listen_text(self.config)} -> {self.config.upstream}]")
         loop = asyncio.new_event_loop()
         try:
             return loop.run_until_complete(self._main())
         finally:
             loop.close()
-            if self._own_metrics_dir:
-                with contextlib.suppress(OSError):
-                    prepare_directory(self.metrics_dir)
-                    os.rmdir(self.metrics_dir)
-
-    def _listen_text(self) -> str:
-        host = self.config.listen_address
-        host = f"[{host}]" if ":" in host else host
-        return ",".join(f"{'tls:' if tls else ''}{host}:{port}" for port, tls in self._ports())
-
-    def _ports(self) -> list[tuple[int, bool]]:
-        """(port, is TLS) of each configured AMQP listener."""
-        config = self.config
-        ports = [(config.listen_port, False), (config.tls_port, True)]
-        return [(port, tls) for port, tls in ports if port]
-
-    def _addresses(
-        self, port: int
-    ) -> list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]]:
-        config = self.config
-        try:
-            infos = socket.getaddrinfo(
-                config.listen_address,
-                port,
-                type=socket.SOCK_STREAM,
-                flags=socket.AI_PASSIVE,
-            )
-        except socket.gaierror as exc:
-            raise MasterError(
-                f"cannot resolve listen address {config.listen_address!r}: {exc.strerror}"
-            ) from None
-        seen: list[tuple[int, tuple[str, int] | tuple[str, int, int, int]]] = []
-        for family, _, _, _, sockaddr in infos:
-            if (family, sockaddr) not in seen:
-                seen.append((family, sockaddr))  # type: ignore[arg-type]
-        return seen
-
-    def _check_port_free(self) -> None:
-        """Bind without SO_REUSEPORT first, so a second instance fails instead of sharing."""
-        addresses = [a for port, _ in self._ports() for a in self._addresses(port)]
-        for family, sockaddr in addresses:
-            probe = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.bind(sockaddr)
-            except OSError as exc:
-                raise MasterError(
-                    f"cannot listen on {sockaddr[0]} port {sockaddr[1]}: {exc.strerror} "
-                    f"(is another amqproxy running?)"
-                ) from None
-            finally:
-                probe.close()
-
-    def _open_listeners(self, port: int) -> list[socket.socket]:
-        """One SO_REUSEPORT socket per address for one worker slot."""
-        sockets: list[socket.socket] = []
-        for family, sockaddr in self._addresses(port):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(sockaddr)
-                sock.listen(LISTEN_BACKLOG)  # (the worker's create_server repeats it)
-            except OSError:
-                sock.close()
-                for other in sockets:
-                    other.close()
-                raise
-            sockets.append(sock)
-        return sockets
-
-    def _check_tcp_migrate_req(self) -> None:
-        try:
-            with open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
-                enabled = f.read().strip() != "0"
-        except OSError:
-            return
-        if not enabled:
-            log.info(
-                "net.ipv4.tcp_migrate_req is 0: connections queued on a retiring worker's socket "
-                "(TTOU, stop) are reset instead of moved to another worker; enable it with "
-                "'sysctl -w net.ipv4.tcp_migrate_req=1'"
-            )
-
-    def _setup_metrics_dir(self) -> None:
-        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
-        if not directory:
-            directory = tempfile.mkdtemp(prefix="amqproxy-metrics-")
-            self._own_metrics_dir = True
-        prepare_directory(directory)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-        self.metrics_dir = directory
-        self._metrics = MasterMetrics(directory, __version__, str(self.config.upstream))
+            self.status.remove_metrics_dir()
 
     # --- main loop ----------------------------------------------------------------------------
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        try:
-            self._http = await start_http_server(
-                self.config.http_address,
-                self.config.http_port,
-                {"/healthz": self._healthz, "/metrics": self._metrics_page, "/pools": self._pools},
-            )
-        except OSError as exc:
-            log.error(
-                "cannot serve HTTP on %s port %s: %s",
-                self.config.http_address,
-                self.config.http_port,
-                exc.strerror or exc,
-            )
+        if not await self.status.start():
             return 1
         for signum in SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
-        probe = loop.create_task(self._watch_upstream())
         try:
             for number in range(1, self.config.worker_count + 1):
                 self._add_slot(number)
         except OSError as exc:
-            log.error("cannot listen on %s: %s", self._listen_text(), exc.strerror or exc)
+            log.error("cannot listen on %s: %s", ls.listen_text(self.config), exc.strerror or exc)
+            self.status.close()
             return 1
         log.info(
             "amqproxy-mp %s master started: %d workers on %s, upstream %s, HTTP port %s",
             __version__,
             len(self.slots),
-            self._listen_text(),
+            ls.listen_text(self.config),
             self.config.upstream,
             self.config.http_port,
         )
@@ -297,46 +181,67 @@ class Master:
             self._wakeup.clear()
             self._reap()
             self._supervise()
-        probe.cancel()
-        self._http.close()
+        self.status.close()
         for slot in self.slots.values():
             self._close_slot_sockets(slot)
         log.info("master exiting")
         return 0
 
+    # --- signals --------------------------------------------------------------------------------
+
     def _on_signal(self, signum: int) -> None:
+        """Wake the main loop (it reaps and respawns), then call ``handle_<name>``."""
         assert self._wakeup is not None
         self._wakeup.set()
-        if signum == signal.SIGCHLD:
+        name = signal.Signals(signum).name.removeprefix("SIG").lower()
+        handler: Callable[[], None] | None = getattr(self, f"handle_{name}", None)
+        if handler is None:  # pragma: no cover - every signal in SIGNALS has its handler
+            log.error("received %s: no handler", signal.Signals(signum).name)
             return
-        name = signal.Signals(signum).name
-        if signum == signal.SIGTERM:
-            if not self.stopping:
-                log.info("received SIGTERM: graceful stop (workers drain their clients)")
-                self._stop("graceful", signal.SIGTERM)
-        elif signum in (signal.SIGINT, signal.SIGQUIT):
-            if self.stopping != "quick":
-                log.info("received %s: quick stop", name)
-                self._quick_stop_deadline = time.monotonic() + QUICK_STOP_TIMEOUT
-                self._stop("quick", signal.SIGQUIT)
-        elif self.stopping:
-            return
-        elif signum == signal.SIGHUP:
+        handler()
+
+    def handle_chld(self) -> None:
+        """A worker exited: the wakeup is all it takes, the main loop reaps it."""
+
+    def handle_term(self) -> None:
+        if not self.stopping:
+            log.info("received SIGTERM: graceful stop (workers drain their clients)")
+            self._stop("graceful", signal.SIGTERM)
+
+    def handle_int(self) -> None:
+        self._quick_stop("SIGINT")
+
+    def handle_quit(self) -> None:
+        self._quick_stop("SIGQUIT")
+
+    def handle_hup(self) -> None:
+        if not self.stopping:
             log.info("received SIGHUP: reloading the configuration and replacing workers")
             asyncio.get_running_loop().create_task(self._reload())
-        elif signum == signal.SIGTTIN:
+
+    def handle_ttin(self) -> None:
+        if not self.stopping:
             self._add_slot(max(self.slots, default=0) + 1)
             log.info("received SIGTTIN: now %d workers", len(self._live_slots()))
-        elif signum == signal.SIGTTOU:
-            live = self._live_slots()
-            if len(live) > 1:
-                self._retire_slot(live[-1])
-                log.info("received SIGTTOU: now %d workers", len(live) - 1)
-        elif signum == signal.SIGUSR1:
+
+    def handle_ttou(self) -> None:
+        live = self._live_slots()
+        if not self.stopping and len(live) > 1:
+            self._retire_slot(live[-1])
+            log.info("received SIGTTOU: now %d workers", len(live) - 1)
+
+    def handle_usr1(self) -> None:
+        if not self.stopping:
             log.info("received SIGUSR1: reopening the log file")
             reopen_log_file()
             for worker in self.workers.values():
                 self._kill(worker, signal.SIGUSR1)
+
+    def _quick_stop(self, name: str) -> None:
+        if self.stopping != "quick":
+            log.info("received %s: quick stop", name)
+            self._quick_stop_deadline = time.monotonic() + QUICK_STOP_TIMEOUT
+            self._stop("quick", signal.SIGQUIT)
 
     def _stop(self, how: str, worker_signal: signal.Signals) -> None:
         self.stopping = how
@@ -360,8 +265,9 @@ class Master:
 
     def _open_slot_sockets(self, slot: Slot) -> None:
         config = self.config
-        slot.sockets = self._open_listeners(config.listen_port) if config.listen_port else []
-        slot.tls_sockets = self._open_listeners(config.tls_port) if config.tls_port else []
+        host = config.listen_address
+        slot.sockets = ls.open_listeners(host, config.listen_port) if config.listen_port else []
+        slot.tls_sockets = ls.open_listeners(host, config.tls_port) if config.tls_port else []
 
     def _retire_slot(self, slot: Slot) -> None:
         slot.removed = True
@@ -406,9 +312,10 @@ class Master:
             signal.set_wakeup_fd(-1)
             for signum in SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
-            _drop_inherited_sockets({sock.fileno() for sock in slot.sockets + slot.tls_sockets})
+            ls.drop_inherited_sockets({sock.fileno() for sock in slot.sockets + slot.tls_sockets})
             for worker in self.workers.values():
                 os.close(worker.beat_fd)
+            _enable_stack_dumps(self.config)
             _set_title(f"amqproxy: worker {slot.number}")
             from amqproxy_mp.worker import Worker
 
@@ -418,7 +325,7 @@ class Master:
                 tls_sockets=slot.tls_sockets,
                 slot=slot.number,
                 beat_fd=beat_fd,
-                metrics_dir=self.metrics_dir,
+                metrics_dir=self.status.metrics_dir,
             ).run()
         except BaseException:
             log.exception("worker %d failed", slot.number)
@@ -462,7 +369,7 @@ class Master:
         loop = asyncio.get_running_loop()
         loop.remove_reader(worker.beat_fd)
         os.close(worker.beat_fd)
-        archive_dead_process(self.metrics_dir, worker.pid)
+        archive_dead_process(self.status.metrics_dir, worker.pid)
         text, reason = describe_exit(status)
         slot = self.slots.get(worker.slot)
         if slot is not None and slot.worker is worker:
@@ -503,29 +410,18 @@ class Master:
         if self._watchdog and now - self._watchdog_at >= self._watchdog:
             self._watchdog_at = now
             self._systemd.notify("WATCHDOG=1")
-        if self._ready_due and not self._reloading and self.workers_health()[0]:
+        if self._ready_due and not self._reloading and workers_verdict(self._health_state())[0]:
             self._ready_due = False
             self._systemd.notify(
                 "READY=1",
                 f"STATUS={len(self._live_slots())} workers accepting on "
-                f"{self._listen_text()}, upstream {self.config.upstream}",
+                f"{ls.listen_text(self.config)}, upstream {self.config.upstream}",
             )
         if self.stopping == "quick" and now > self._quick_stop_deadline:
             for worker in self.workers.values():
                 self._kill(worker, signal.SIGKILL)
-        timeout = self.config.worker_timeout
         for worker in list(self.workers.values()):
-            if not worker.kill_reason and now - worker.last_beat > timeout:
-                log.error(
-                    "worker %d (pid %d) sent no heartbeat for %.1f s (worker_timeout %g s): "
-                    "killing it",
-                    worker.slot,
-                    worker.pid,
-                    now - worker.last_beat,
-                    timeout,
-                )
-                worker.kill_reason = "timeout"
-                self._kill(worker, signal.SIGKILL)
+            self._check_heartbeat(worker, now)
         if self.stopping:
             return
         for slot in self._live_slots():
@@ -545,27 +441,31 @@ class Master:
             ):
                 slot.failures = 0
 
-    async def _watch_upstream(self) -> None:
-        """Try a TCP connection to the broker every few seconds, for /healthz: workers only
-        connect when clients come, and an operator wants to know before they do."""
-        upstream = self.config.upstream
-        while True:
-            try:
-                async with asyncio.timeout(self.config.upstream_connect_timeout):
-                    _, writer = await asyncio.open_connection(upstream.host, upstream.port)
-                writer.close()
-                error = ""
-            except TimeoutError:
-                error = f"no answer within {self.config.upstream_connect_timeout:g} s"
-            except OSError as exc:
-                error = exc.strerror or str(exc)
-            if error != self.upstream_error:
-                if error:
-                    log.error("upstream %s unreachable: %s", upstream, error)
-                elif self.upstream_error:
-                    log.info("upstream %s reachable again", upstream)
-            self.upstream_error = error
-            await asyncio.sleep(UPSTREAM_CHECK_INTERVAL)
+    def _check_heartbeat(self, worker: WorkerProcess, now: float) -> None:
+        """A worker silent for worker_timeout gets SIGABRT: it writes every thread's stack to
+        the log and dies. If it is still there ABORT_TIMEOUT later, SIGKILL."""
+        timeout = self.config.worker_timeout
+        if not worker.kill_reason and now - worker.last_beat > timeout:
+            log.error(
+                "worker %d (pid %d) missed heartbeats for %.1f s (worker_timeout %g s): "
+                "SIGABRT (stack in the log)",
+                worker.slot,
+                worker.pid,
+                now - worker.last_beat,
+                timeout,
+            )
+            worker.kill_reason = "timeout"
+            worker.kill_at = now + ABORT_TIMEOUT
+            self._kill(worker, signal.SIGABRT)
+        elif worker.kill_at and now > worker.kill_at:
+            log.error(
+                "worker %d (pid %d) still alive %g s after SIGABRT: SIGKILL",
+                worker.slot,
+                worker.pid,
+                ABORT_TIMEOUT,
+            )
+            worker.kill_at = 0.0
+            self._kill(worker, signal.SIGKILL)
 
     # --- reload ---------------------------------------------------------------------------------
 
@@ -654,79 +554,42 @@ class Master:
             self._kill(old, RETIRE)
         return ""
 
-    # --- HTTP -----------------------------------------------------------------------------------
+    # --- health -----------------------------------------------------------------------------------
 
-    def health(self) -> tuple[bool, str]:
-        ok, reason = self.workers_health()
-        if ok and self.upstream_error:
-            return False, f"upstream {self.config.upstream} unreachable: {self.upstream_error}"
-        if ok and self.reload_error:
-            # still serving, on the previous configuration: healthy, but say so
-            return True, f"OK; the last reload failed: {self.reload_error}"
-        return ok, reason
-
-    def workers_health(self) -> tuple[bool, str]:
-        """Are all configured workers up and beating? (The broker is another matter: the
-        proxy is ready to serve even while it is away.)"""
-        if self.stopping:
-            return False, "shutting down"
-        slots = self._live_slots()
+    def _health_state(self) -> HealthState:
         now = time.monotonic()
-        stale = max(1.0, min(BEAT_AGE, self.config.worker_timeout / 2))
-        up = [
-            s for s in slots
-            if s.worker is not None and s.worker.ready and now - s.worker.last_beat < stale
-        ]  # fmt: skip
-        looping = [s for s in slots if s.failures >= CRASH_LOOP and s.worker is None]
-        if not up:
-            return False, "no worker alive" + (
-                f" ({slots[0].last_exit})" if slots and slots[0].last_exit else ""
-            )
-        if looping:
-            return False, f"crash-looping: {looping[0].last_exit}"
-        if len(up) < len(slots):
-            return False, f"{len(up)} of {len(slots)} workers up"
-        return True, "OK"
-
-    def _healthz(self) -> Response:
-        ok, reason = self.health()
-        return (200 if ok else 503), "text/plain; charset=utf-8", (reason + "\n").encode()
-
-    def _metrics_page(self) -> Response:
-        assert self._metrics is not None
-        workers = [WorkerInfo(w.slot, w.pid) for w in self.workers.values()]
-        body = self._metrics.render(workers, self.restarts, not self.reload_error)
-        return 200, "text/plain; version=0.0.4; charset=utf-8", body
-
-    def _pools(self) -> Response:
-        entries = read_pool_status(self.metrics_dir, list(self.workers))
-        return 200, "application/json", json.dumps(entries, indent=1).encode()
+        return HealthState(
+            slots=[
+                SlotState(
+                    beat_age=None if s.worker is None else now - s.worker.last_beat,
+                    ready=s.worker is not None and s.worker.ready,
+                    failures=s.failures,
+                    last_exit=s.last_exit,
+                )
+                for s in self._live_slots()
+            ],
+            worker_timeout=self.config.worker_timeout,
+            stopping=bool(self.stopping),
+            upstream=str(self.config.upstream),
+            upstream_error=self.status.probe.error,
+            reload_error=self.reload_error,
+        )
 
 
-def _drop_inherited_sockets(keep: set[int]) -> None:
-    """In a new worker: every socket of the master's (the HTTP listener and its clients,
-    other slots' listeners, an upstream probe under way) is pointed at /dev/null, so the
-    worker holds none of them open. Not closed: objects of the master that the fork copied
-    would close those numbers again later, when they may belong to the worker's own sockets.
-    """
+def _enable_stack_dumps(config: Config) -> None:
+    """In a worker: on SIGABRT (what the master sends a worker that misses its heartbeats),
+    and on a fatal signal such as SIGSEGV, Python writes every thread's stack to the log file,
+    or to stderr without one, before the signal ends the process as it would have anyway."""
+    target: IO[str] = sys.stderr
+    if config.log_file:
+        with contextlib.suppress(OSError):
+            # its own descriptor: the logging handler's is closed on SIGUSR1, and faulthandler
+            # would write to whatever file or socket then got that number
+            target = open(config.log_file, "a", encoding="utf-8")  # noqa: SIM115 - kept open
     try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        for name in names:
-            fd = int(name)
-            if fd in keep or fd <= 2 or fd == devnull:
-                continue
-            try:
-                is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
-            except OSError:
-                continue  # (the directory listing's own descriptor, gone already)
-            if is_socket:
-                os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
+        faulthandler.enable(file=target, all_threads=True)
+    except (RuntimeError, ValueError, OSError) as exc:  # no usable stderr: serve anyway
+        log.warning("cannot enable stack dumps: %s", exc)
 
 
 def _set_title(title: str) -> None:

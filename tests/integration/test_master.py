@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +27,11 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import (
-    AMQP_HEADER,
-    BROKER_HOST,
-    BROKER_PORT,
-    REPO_ROOT,
-    ProxyProcess,
-    RawClient,
-    close_reason,
-    free_port,
-    queue_counts,
-    wait_for,
-)
+from tests.support.broker import BROKER_HOST, BROKER_PORT, queue_counts
+from tests.support.pika_client import close_reason
+from tests.support.proxy import ProxyProcess
+from tests.support.raw_client import AMQP_HEADER, RawClient
+from tests.support.util import REPO_ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 
@@ -196,25 +191,103 @@ def test_killed_worker_is_replaced_and_other_clients_see_nothing(
     assert metric(p, "amqproxy_worker_restarts_total", reason="signal") == 1
 
 
-def test_stopped_worker_is_detected_after_worker_timeout(proxy_factory: ProxyFactory) -> None:
-    p = proxy_factory("--workers", "2", "--worker-timeout", "2")
+@contextlib.contextmanager
+def no_core_dumps() -> Iterator[None]:
+    """Processes started meanwhile inherit a core size limit of 0: a worker killed by SIGABRT
+    must not leave a core file in the repository (kernel.core_pattern = core)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+
+def test_stopped_worker_gets_sigabrt_then_sigkill_after_worker_timeout(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """A stopped worker cannot even dump its stack on SIGABRT: SIGKILL follows 5 s later."""
+    with no_core_dumps():
+        p = proxy_factory("--workers", "2", "--worker-timeout", "2")
     wait_for(lambda: len(workers_of(p)) == 2, what="2 workers")
     slot, pid = next(iter(workers_of(p).items()))
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_for(lambda: http_get(p, "/healthz")[0] == 503, timeout=2.5, what="/healthz 503")
+        p.wait_log(
+            rf"worker {slot} \(pid {pid}\) missed heartbeats for [\d.]+ s \(worker_timeout 2 s\): "
+            r"SIGABRT \(stack in the log\)"
+        )
+        assert workers_of(p).get(slot) == pid, "SIGABRT stays pending while it is stopped"
         wait_for(
             lambda: workers_of(p).get(slot) not in (None, pid),
-            timeout=6,
+            timeout=8,
             what="the stopped worker replaced",
         )
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-    p.wait_log(r"sent no heartbeat for .* \(worker_timeout 2 s\): killing it")
+    p.wait_log(rf"worker {slot} \(pid {pid}\) still alive 5 s after SIGABRT: SIGKILL")
+    p.wait_log(rf"worker {slot} \(pid {pid}\) killed by SIGKILL; restarting it")
     wait_for(lambda: http_get(p, "/healthz") == (200, "OK\n"), what="/healthz OK again")
     assert metric(p, "amqproxy_worker_restarts_total", reason="timeout") == 1
+
+
+@pytest.mark.parametrize("log_file", [False, True], ids=["stderr", "log_file"])
+def test_blocked_worker_dumps_its_stack_on_sigabrt_and_is_replaced(
+    proxy_factory: ProxyFactory, tmp_path: Path, log_file: bool
+) -> None:
+    """A worker whose event loop is blocked in a system call (here: opening its pool status
+    file, which the test replaced by a FIFO nobody reads, as a hung filesystem would block it)
+    is running, so SIGABRT makes Python write every thread's stack to the log before it dies."""
+    metrics_dir = tmp_path / "metrics"
+    log_path = tmp_path / "amqproxy.log"
+    options = ["--workers", "2", "--worker-timeout", "2"]
+    options += ["--log-file", str(log_path)] if log_file else []
+    with no_core_dumps():
+        p = proxy_factory(*options, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+
+    def log_text() -> str:
+        return log_path.read_text(errors="replace") if log_file else p.log_text()
+
+    def wait_log(pattern: str, timeout: float = 10) -> str:
+        match: re.Match[str] = wait_for(
+            lambda: re.search(pattern, log_text()), timeout, what=pattern
+        )
+        return match[0]
+
+    wait_for(lambda: len(workers_of(p)) == 2, what="2 workers")
+    slot, pid = next(iter(workers_of(p).items()))
+    # the worker replaces its status file every second: <name>.tmp, written, renamed over it
+    status = wait_for(
+        lambda: next(
+            (f for f in metrics_dir.iterdir() if re.fullmatch(rf"\D*{pid}\.json", f.name)), None
+        ),
+        what="the pool status file",
+    )
+    fifo = Path(f"{status}.tmp")
+    wait_for(lambda: _mkfifo(fifo), what="a FIFO where the worker writes")  # not mid-write
+    wait_log(
+        rf"worker {slot} \(pid {pid}\) missed heartbeats for [\d.]+ s \(worker_timeout 2 s\): "
+        r"SIGABRT \(stack in the log\)"
+    )
+    wait_log(rf"worker {slot} \(pid {pid}\) killed by SIGABRT; restarting it")
+    dump = wait_log(r"Fatal Python error: Aborted\n\n(?:Thread|Current thread) 0x[\s\S]*")
+    assert re.search(r"Current thread 0x[0-9a-f]+ \(most recent call first\):", dump)
+    assert re.search(r'File ".*amqproxy_mp/worker\.py", line \d+ in \w+', dump), dump
+    wait_for(lambda: workers_of(p).get(slot) not in (None, pid), what="the worker replaced")
+    wait_for(lambda: http_get(p, "/healthz") == (200, "OK\n"), what="/healthz OK again")
+    assert metric(p, "amqproxy_worker_restarts_total", reason="timeout") == 1
+    assert "SIGKILL" not in log_text(), "SIGABRT was enough"
+
+
+def _mkfifo(path: Path) -> bool:
+    try:
+        os.mkfifo(path)
+    except FileExistsError:  # the worker is writing it right now: next time
+        return False
+    return True
 
 
 def test_hup_applies_new_settings_without_refusing_a_connection(
