@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import glob
 import json
 import logging
@@ -58,17 +59,25 @@ UPSTREAM_ERROR_REASONS = (
     "heartbeat",
 )
 AUTH_FAILURE_CODES = ("403", "530")
-CLIENT_DISCONNECT_REASONS = (
-    "client_close",
-    "socket_closed",
-    "protocol_error",
-    "upstream_closed",
-    "auth_failed",
-    "heartbeat",
-    "handshake_timeout",
-    "shutdown",
-    "internal_error",
-)
+
+
+class Disconnect(enum.StrEnum):
+    """Why a client connection ended: the `reason` label of the disconnect metric."""
+
+    CLIENT_CLOSE = "client_close"
+    SOCKET_CLOSED = "socket_closed"
+    PROTOCOL_ERROR = "protocol_error"
+    UPSTREAM_CLOSED = "upstream_closed"
+    AUTH_FAILED = "auth_failed"
+    HEARTBEAT = "heartbeat"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    SLOW_CLIENT = "slow_client"
+    CONNECTION_LIMIT = "connection_limit"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal_error"
+
+
+CLIENT_DISCONNECT_REASONS = tuple(reason.value for reason in Disconnect)
 
 _ARCHIVE = "archive"
 _POOLS_PREFIX = "pools-"

@@ -11,7 +11,6 @@ import ctypes
 import gc
 import logging
 import os
-import platform
 import signal
 import socket
 import time
@@ -19,21 +18,14 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 import uvloop
-from pamqp.common import FieldTable
 
 from amqproxy_mp import __version__
-from amqproxy_mp.amqp import methods as m
-from amqproxy_mp.amqp.methods import commands
-from amqproxy_mp.amqp.transport import DEFAULT_FRAME_MAX
+from amqproxy_mp.amqp import spec
 from amqproxy_mp.config import Config
 from amqproxy_mp.logs import reopen_log_file
-from amqproxy_mp.metrics import Gauges, Stats, WorkerMetrics, write_pool_status
-from amqproxy_mp.proxy.client import CHANNEL_MAX as CLIENT_CHANNEL_MAX
+from amqproxy_mp.metrics import Disconnect, Gauges, Stats, WorkerMetrics, write_pool_status
 from amqproxy_mp.proxy.client import ClientSession
-from amqproxy_mp.proxy.exchange_types import ExchangeTypes
-from amqproxy_mp.proxy.pool import Pools
-from amqproxy_mp.proxy.queue_types import QueueTypes
-from amqproxy_mp.proxy.upstream import UpstreamSettings
+from amqproxy_mp.proxy.context import build_context
 from amqproxy_mp.tls import listener_tls_context, upstream_tls_context
 
 log = logging.getLogger(__name__)
@@ -62,25 +54,6 @@ _malloc_trim = _load_malloc_trim()
 #: Metrics and pool status go to the master every this many ticks.
 METRICS_EVERY: Final = 2
 
-SERVER_PROPERTIES: Final[FieldTable] = {
-    "product": "amqproxy-mp",
-    "version": __version__,
-    "platform": f"Python {platform.python_version()}",
-    "copyright": "amqproxy-mp contributors",
-    "information": "AMQP 0-9-1 proxy with connection and channel pooling",
-    "capabilities": {
-        "publisher_confirms": True,
-        "exchange_exchange_bindings": True,
-        "basic.nack": True,
-        "consumer_cancel_notify": True,
-        "connection.blocked": True,
-        "consumer_priorities": True,
-        "authentication_failure_close": True,
-        "per_consumer_qos": True,
-        "direct_reply_to": True,
-    },
-}
-
 
 class Worker:
     def __init__(
@@ -102,43 +75,7 @@ class Worker:
         self._metrics = WorkerMetrics(metrics_dir, slot) if metrics_dir else None
         self._metrics_dir = metrics_dir
         self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        self.pools = Pools(
-            self.loop,
-            self.stats,
-            UpstreamSettings(
-                host=config.upstream.host,
-                port=config.upstream.port,
-                ssl_context=upstream_tls_context(config),
-                connect_timeout=config.upstream_connect_timeout,
-                heartbeat=config.upstream_heartbeat,
-                max_channels=config.max_upstream_channels,
-            ),
-            max_connections=config.max_upstream_connections,
-            max_lifetime=config.upstream_max_lifetime,
-        )
-        self.sessions: set[ClientSession] = set()
-        #: Sessions past Connection.OpenOk (what max_client_connections limits).
-        self.active_sessions = 0
-        self.exchange_types = ExchangeTypes(self.pools)
-        self.queue_types = QueueTypes()
-        self.connection_start = m.encode_method(
-            0,
-            commands.Connection.Start(
-                version_major=0,
-                version_minor=9,
-                server_properties=SERVER_PROPERTIES,
-                mechanisms="PLAIN AMQPLAIN",
-                locales="en_US",
-            ),
-        )
-        self.connection_tune = m.encode_method(
-            0,
-            commands.Connection.Tune(
-                channel_max=CLIENT_CHANNEL_MAX,
-                frame_max=DEFAULT_FRAME_MAX,
-                heartbeat=config.client_heartbeat,
-            ),
-        )
+        self.ctx = build_context(config, self.loop, self.stats, upstream_tls_context(config))
         self._servers: list[asyncio.Server] = []
         self._stopping: asyncio.Event | None = None
         self._signals = 0
@@ -184,7 +121,7 @@ class Worker:
 
     async def _listen(self) -> None:
         def factory() -> ClientSession:
-            return ClientSession(self)
+            return ClientSession(self.ctx)
 
         # create_server listens again: without the backlog it would shrink the master's to 100
         for sock in self.sockets:
@@ -210,7 +147,7 @@ class Worker:
             "amqproxy-mp %s listening on %s, upstream %s",
             __version__,
             addresses,
-            self.pools.settings.address,
+            self.ctx.pools.settings.upstream.address,
         )
 
     def _on_signal(self, signum: int) -> None:
@@ -227,9 +164,9 @@ class Worker:
             self._quick = True
             for server in self._servers:
                 server.close()
-            for session in list(self.sessions):
+            for session in list(self.ctx.sessions):
                 session.abort()
-            for conn in self.pools.connections():
+            for conn in self.ctx.pools.connections():
                 conn.abort()
         self._stopping.set()
 
@@ -245,15 +182,14 @@ class Worker:
                 log.exception("internal error in the worker's periodic checks")
 
     def _tick_once(self, ticks: int) -> None:
-        config = self.config
         self._beat()
         now = time.monotonic()
-        for session in list(self.sessions):
-            session.check_heartbeat(now, config.client_handshake_timeout)
-        for conn in self.pools.connections():
+        for session in list(self.ctx.sessions):
+            session.check_heartbeat(now)
+        for conn in self.ctx.pools.connections():
             if not conn.send_heartbeat_if_due(now):
                 conn.missed_heartbeats()
-        self.pools.close_idle(config.idle_connection_timeout)
+        self.ctx.pools.close_idle()
         if ticks % METRICS_EVERY == 0:
             self._export_metrics()
         self._give_memory_back()
@@ -262,7 +198,7 @@ class Worker:
         """After a connection storm has passed, hand the freed memory back to the system: the
         allocator keeps it otherwise, and the worker's RSS would stay at its peak. Twice: when
         the clients have left, and when the idle timeout has closed the channels they parked."""
-        load = len(self.sessions) + sum(len(c.channels) for c in self.pools.connections())
+        load = len(self.ctx.sessions) + sum(len(c.channels) for c in self.ctx.pools.connections())
         self._peak_load = max(self._peak_load, load)
         if self._peak_load - load < TRIM_AFTER_DROP:
             return
@@ -297,14 +233,14 @@ class Worker:
     def _export_metrics(self) -> None:
         if self._metrics is None or self._metrics_dir is None:
             return
-        pools = list(self.pools)
+        pools = list(self.ctx.pools)
         connections = [conn for pool in pools for conn in pool.connections]
         self._metrics.export(
             self.stats,
             Gauges(
-                client_connections=len(self.sessions),
+                client_connections=len(self.ctx.sessions),
                 upstream_connections=len(connections),
-                client_channels=sum(len(session.channels) for session in self.sessions),
+                client_channels=sum(len(session.channels) for session in self.ctx.sessions),
                 upstream_channels=sum(len(conn.channels) for conn in connections),
             ),
         )
@@ -339,23 +275,25 @@ class Worker:
         grace = config.term_client_close_timeout
         if self._retiring:
             grace = max(grace, config.retire_client_close_timeout)
-        if self.sessions and grace > 0:
-            log.info("waiting up to %g s for %d clients to disconnect", grace, len(self.sessions))
-            await self._wait_until(lambda: not self.sessions, grace)
-        if self.sessions:
-            log.info("closing %d remaining client connections", len(self.sessions))
-            for session in list(self.sessions):
+        if self.ctx.sessions and grace > 0:
+            log.info(
+                "waiting up to %g s for %d clients to disconnect", grace, len(self.ctx.sessions)
+            )
+            await self._wait_until(lambda: not self.ctx.sessions, grace)
+        if self.ctx.sessions:
+            log.info("closing %d remaining client connections", len(self.ctx.sessions))
+            for session in list(self.ctx.sessions):
                 session.close_with(
-                    m.CONNECTION_FORCED,
+                    spec.CONNECTION_FORCED,
                     "CONNECTION_FORCED - amqproxy-mp is shutting down",
                     close_ok_timeout=None,
-                    kind="shutdown",
+                    kind=Disconnect.SHUTDOWN,
                 )
             timeout = config.term_timeout if config.term_timeout >= 0 else None
-            await self._wait_until(lambda: not self.sessions, timeout)
-            for session in list(self.sessions):
+            await self._wait_until(lambda: not self.ctx.sessions, timeout)
+            for session in list(self.ctx.sessions):
                 session.abort()
-        upstreams = list(self.pools.connections())
+        upstreams = list(self.ctx.pools.connections())
         for conn in upstreams:
             conn.close("amqproxy-mp is shutting down")
         await self._wait_until(lambda: all(conn.closed for conn in upstreams), 5.0)

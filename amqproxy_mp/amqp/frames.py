@@ -2,7 +2,8 @@
 
 The data path never builds objects for the frames it forwards: it reads the
 7-byte header in place and rewrites the channel number. Methods the proxy
-must understand are decoded with pamqp (see `methods`).
+must understand are read in place by `validate` (a client's) or decoded with pamqp (the
+broker's, see `methods`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-PROTOCOL_HEADER: Final = b"AMQP\x00\x00\x09\x01"
+from amqproxy_mp.amqp.spec import FRAME_ERROR
 
 METHOD: Final = 1
 HEADER: Final = 2
@@ -95,6 +96,7 @@ def method_id(payload: bytes | memoryview) -> int:
     """The combined class/method id (class << 16 | method) of a method frame's payload."""
     if len(payload) < 4:
         raise FrameError(
-            501, amqp_error_text(f"FRAME_ERROR - {frame_snippet(METHOD, payload)}: unknown_frame")
+            FRAME_ERROR,
+            amqp_error_text(f"FRAME_ERROR - {frame_snippet(METHOD, payload)}: unknown_frame"),
         )
     return int(METHOD_ID.unpack_from(payload)[0])

@@ -23,6 +23,7 @@ from amqproxy_mp.amqp.frames import (
     amqp_error_text,
     frame_snippet,
 )
+from amqproxy_mp.amqp.spec import FRAME_ERROR, INTERNAL_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class FramedProtocol(asyncio.Protocol):
                 frame_type, channel, size = FRAME_HEADER.unpack_from(buf, pos)
                 if size > size_limit:
                     raise FrameError(
-                        501,
+                        FRAME_ERROR,
                         f"FRAME_ERROR - {frame_snippet(frame_type, b'')}: "
                         f"{{frame_too_large,{size},{self.frame_max - OVERHEAD}}}",
                     )
@@ -86,7 +87,7 @@ class FramedProtocol(asyncio.Protocol):
                 if buf[end] != FRAME_END:
                     snippet = frame_snippet(frame_type, view[pos + HEADER_SIZE : end])
                     raise FrameError(
-                        501,
+                        FRAME_ERROR,
                         amqp_error_text(
                             f"FRAME_ERROR - {snippet}: {{invalid_frame_end_marker,{buf[end]}}}"
                         ),
@@ -102,7 +103,7 @@ class FramedProtocol(asyncio.Protocol):
             # A bug must cost this one connection, never the worker.
             log.exception("internal error while handling a frame; closing the connection")
             pos = len(buf)
-            self.protocol_error(FrameError(541, "INTERNAL_ERROR - proxy error"))
+            self.protocol_error(FrameError(INTERNAL_ERROR, "INTERNAL_ERROR - proxy error"))
         finally:
             view.release()
         if pos:
@@ -202,3 +203,8 @@ class FramedProtocol(asyncio.Protocol):
         self.flush()
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the socket now, discarding what is queued for the peer."""
+        if self.transport is not None and not self.closed:
+            self.transport.abort()

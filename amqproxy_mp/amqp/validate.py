@@ -26,12 +26,7 @@ from typing import Any, Final
 from pamqp import commands
 
 from amqproxy_mp.amqp.frames import CONTENT_HEADER, FrameError, amqp_error_text, frame_snippet
-
-FRAME_ERROR: Final = 501
-UNEXPECTED_FRAME: Final = 505
-INTERNAL_ERROR: Final = 541
-#: Not a reply code: the broker drops the socket without a Connection.Close.
-DROP: Final = 0
+from amqproxy_mp.amqp.spec import DROP, FRAME_ERROR, INTERNAL_ERROR, UNEXPECTED_FRAME
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")

@@ -6,8 +6,10 @@ inferred from someone else's login.
 
 A pool owns its park list: upstream channels whose client left, each clean (the broker
 has answered everything sent on it, so nothing an earlier client did can still close it)
-and on a connection that takes new channels. Only `park` puts a channel there; it leaves
-through `take_channel`, or is closed when idle or when its connection retires or ends.
+and on a connection that takes new channels. The list follows the links' own state: a link
+enters it when it becomes PARKED and leaves it when it stops being PARKED (reused by
+`take_channel`, closed when idle or when its connection retires, or gone with its
+connection); see ChannelLink._set_up, the only caller of `parked` and `unparked`.
 """
 
 from __future__ import annotations
@@ -15,28 +17,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from amqproxy_mp.amqp.methods import RESOURCE_ERROR
+from amqproxy_mp.amqp.spec import CONNECTION_FORCED, RESOURCE_ERROR
 from amqproxy_mp.metrics import Stats
-from amqproxy_mp.proxy.upstream import (
-    Login,
-    UpstreamConnection,
-    UpstreamError,
-    UpstreamSettings,
-    complete_upstream,
-    open_upstream,
-)
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-    from amqproxy_mp.proxy.channels import ChannelLink
-    from amqproxy_mp.proxy.client import ClientSession
+from amqproxy_mp.proxy.channels import ChannelLink
+from amqproxy_mp.proxy.connect import complete_upstream, open_upstream
+from amqproxy_mp.proxy.login import Login, UpstreamError, UpstreamSettings
+from amqproxy_mp.proxy.sides import ClientSide
+from amqproxy_mp.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger(__name__)
 
 Credentials = tuple[str, str, str]  # user, password, vhost
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    upstream: UpstreamSettings
+    #: Channels per upstream connection before new clients go to another (0: the broker's).
+    max_channels: int
+    #: Upstream connections per pool (0: no limit).
+    max_connections: int
+    #: Seconds after which an upstream connection takes no new channels (0: never).
+    max_lifetime: float
+    #: Seconds a parked channel, or an upstream connection without channels, is kept.
+    idle_timeout: float
 
 
 class Pool:
@@ -48,8 +55,8 @@ class Pool:
         #: Client sessions authenticated through this pool.
         self.clients = 0
         self._opening: asyncio.Future[UpstreamConnection] | None = None
-        #: Clean upstream channels whose clients left, most recently parked last.
-        self.parked: list[ChannelLink] = []
+        #: Clean upstream channels whose clients left (PARKED), most recently parked last.
+        self._parked: dict[ChannelLink[UpstreamConnection], None] = {}
 
     async def authenticate(self, tuned: UpstreamConnection | None = None) -> None:
         """Succeed when the broker lets these credentials open this vhost (a pooled
@@ -61,23 +68,26 @@ class Pool:
             return
         await self.open_connection(tuned)
 
-    def park(self, link: ChannelLink) -> None:
-        """Keep a clean channel whose client left for the next client of the pool."""
-        link.touch_parked()
-        self.parked.append(link)
+    def parked(self, link: ChannelLink[UpstreamConnection]) -> None:
+        self._parked[link] = None
 
-    def take_channel(self, client: ClientSession, number: int) -> ChannelLink | None:
+    def unparked(self, link: ChannelLink[UpstreamConnection]) -> None:
+        self._parked.pop(link, None)
+
+    @property
+    def parked_count(self) -> int:
+        return len(self._parked)
+
+    def take_channel(
+        self, client: ClientSide, number: int, home: UpstreamConnection | None
+    ) -> ChannelLink[UpstreamConnection] | None:
         """An upstream channel for a client channel, without waiting: a parked one if there
         is one (no broker round trip at all), else a new one. A client's channels all go to
         its first channel's connection (its home), where its exclusive queues are."""
-        home = client.home
-        parked = self.parked
-        for i in range(len(parked) - 1, -1, -1):
+        for link in reversed(self._parked):
             # The most recently parked first: a client that follows another (the PHP-FPM
             # pattern) gets the same upstream channel.
-            link = parked[i]
             if home is None or link.upstream is home:
-                del parked[i]
                 link.reuse(client, number)
                 self.pools.stats.channels_reused += 1
                 return link
@@ -91,10 +101,12 @@ class Pool:
                     return new
         return None
 
-    async def acquire_channel(self, client: ClientSession, number: int) -> ChannelLink:
+    async def acquire_channel(
+        self, client: ClientSide, number: int, home: UpstreamConnection | None
+    ) -> ChannelLink[UpstreamConnection]:
         """Like take_channel, opening another upstream connection when all are full."""
-        while (link := self.take_channel(client, number)) is None:
-            limit = self.pools.max_connections
+        while (link := self.take_channel(client, number, home)) is None:
+            limit = self.pools.settings.max_connections
             if limit and len(self.connections) >= limit and self._opening is None:
                 raise UpstreamError(
                     RESOURCE_ERROR,
@@ -120,43 +132,60 @@ class Pool:
                 conn = await complete_upstream(tuned, self)
             else:
                 login = Login(self.user, self.password)
-                conn = await open_upstream(pools.loop, pools.settings, pools.stats, login, self)
+                conn = await open_upstream(
+                    pools.loop, pools.settings.upstream, pools.stats, login, self
+                )
             self.connections.append(conn)
             return conn
         finally:
             self._opening = None
             self.pools.forget_if_unused(self)
 
-    def _unpark(self, condition: object) -> None:
-        """Close the parked channels for which `condition(link)` holds."""
-        keep = []
-        for link in self.parked:
-            if condition(link):  # type: ignore[operator]
-                link.close_parked()
-            else:
-                keep.append(link)
-        self.parked = keep
+    async def trial(
+        self, method: bytes, then: bytes = b"", purpose: str = "trial"
+    ) -> tuple[int, str, bool] | None:
+        """Send one method (on channel 1) on a disposable connection with this pool's
+        credentials, and `then` after it if it was answered: None when the broker answered
+        it, else its refusal (code, text, and whether it closed the connection). This is
+        what a client's own connection would get, where the shared one would differ."""
+        pools = self.pools
+        conn = await open_upstream(
+            pools.loop,
+            pools.settings.upstream,
+            pools.stats,
+            Login(self.user, self.password),
+            Pool(pools, self.credentials),
+        )
+        try:
+            async with asyncio.timeout(pools.settings.upstream.connect_timeout):
+                result = await conn.probe(method)
+            if result is None and then:
+                conn.send(then)
+            return result
+        except TimeoutError:
+            raise UpstreamError(
+                CONNECTION_FORCED,
+                f"CONNECTION_FORCED - upstream {pools.settings.upstream.address} did not answer "
+                f"the {purpose} within {pools.settings.upstream.connect_timeout:g} s",
+            ) from None
+        finally:
+            conn.close(f"{purpose} done")
 
     def connection_gone(self, conn: UpstreamConnection) -> None:
         if conn in self.connections:
             self.connections.remove(conn)
-        self.parked = [link for link in self.parked if link.upstream is not conn]
 
-    def close_idle(self, now: float, idle_timeout: float, max_lifetime: float) -> None:
+    def close_idle(self, now: float) -> None:
         """Retire connections older than max_lifetime (no new channels; closed once empty),
         and close connections without channels for idle_timeout, keeping one per pool."""
+        settings = self.pools.settings
+        idle_timeout, max_lifetime = settings.idle_timeout, settings.max_lifetime
         for conn in self.connections:
-            if max_lifetime and not conn.retired and now - conn.opened_at >= max_lifetime:
-                conn.retired = True
-                log.info(
-                    "upstream connection %s reached its max lifetime (%g s): retiring it",
-                    conn.name,
-                    max_lifetime,
-                )
-        if self.parked:
-            self._unpark(
-                lambda link: link.upstream.retired or now - link.parked_since >= idle_timeout
-            )
+            if max_lifetime and conn.is_usable and now - conn.opened_at >= max_lifetime:
+                conn.retire(max_lifetime)
+        for link in list(self._parked):
+            if not link.upstream.can_park or now - link.parked_since >= idle_timeout:
+                link.close_parked()
         for conn in [c for c in self.connections if c.retired and not c.channels]:
             conn.close(f"max lifetime of {max_lifetime:g} s reached")
         idle = [c for c in self.connections if c.is_usable and not c.channels]
@@ -177,7 +206,7 @@ class PendingLogin:
     def __init__(self, pools: Pools, login: Login) -> None:
         self.key = (login.user, login.password)
         self.task = asyncio.ensure_future(
-            open_upstream(pools.loop, pools.settings, pools.stats, login, None)
+            open_upstream(pools.loop, pools.settings.upstream, pools.stats, login, None)
         )
         self.task.add_done_callback(lambda _: pools.logins.pop(self.key, None))
         #: Clients waiting for the verdict or holding it until their Connection.Open.
@@ -210,20 +239,11 @@ class Pools:
     """All pools of one worker."""
 
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        stats: Stats,
-        settings: UpstreamSettings,
-        max_connections: int = 0,
-        max_lifetime: float = 0.0,
+        self, loop: asyncio.AbstractEventLoop, stats: Stats, settings: PoolSettings
     ) -> None:
         self.loop = loop
         self.stats = stats
         self.settings = settings
-        #: Upstream connections per pool (0: no limit).
-        self.max_connections = max_connections
-        #: Seconds after which an upstream connection takes no new channels (0: never).
-        self.max_lifetime = max_lifetime
         self._pools: dict[Credentials, Pool] = {}
         #: Logins being checked, by (user, password).
         self.logins: dict[tuple[str, str], PendingLogin] = {}
@@ -267,7 +287,7 @@ class Pools:
         for pool in self:
             yield from list(pool.connections)
 
-    def close_idle(self, idle_timeout: float) -> None:
+    def close_idle(self) -> None:
         now = time.monotonic()
         for pool in self:
-            pool.close_idle(now, idle_timeout, self.max_lifetime)
+            pool.close_idle(now)

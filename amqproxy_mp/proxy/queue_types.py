@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Final
 
-from amqproxy_mp.amqp import methods as m
+from amqproxy_mp.amqp import spec
 from amqproxy_mp.amqp.frames import FrameError, amqp_error_text
 from amqproxy_mp.amqp.validate import table_entries
 
@@ -65,13 +65,13 @@ class QueueTypes:
         name = f"queue '{queue}' in vhost '{vhost}'"
         text = ""
         if kind == "stream":
-            if mid == m.BASIC_GET:
+            if mid == spec.BASIC_GET:
                 text = f"basic.get not supported by stream queues {name}"
-            elif mid == m.QUEUE_PURGE:
+            elif mid == spec.QUEUE_PURGE:
                 text = f"queue.purge not supported by stream queues {name}"
-            elif mid == m.BASIC_CONSUME and arguments[4]:
+            elif mid == spec.BASIC_CONSUME and arguments[4]:
                 text = f"automatic acknowledgement not supported by stream queues {name}"
-        elif kind == "quorum" and mid == m.QUEUE_DELETE and (arguments[2] or arguments[3]):
+        elif kind == "quorum" and mid == spec.QUEUE_DELETE and (arguments[2] or arguments[3]):
             flag = "if-unused" if arguments[2] else "if-empty"
             text = (
                 f"cannot delete {name}. queue.delete operations with {flag} flag set are not "
@@ -79,7 +79,7 @@ class QueueTypes:
             )
         if text:
             raise FrameError(
-                m.NOT_IMPLEMENTED,
+                spec.NOT_IMPLEMENTED,
                 amqp_error_text(f"NOT_IMPLEMENTED - {text}"),
                 mid >> 16,
                 mid & 0xFFFF,

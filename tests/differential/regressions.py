@@ -37,6 +37,32 @@ REGRESSIONS: dict[str, list[Step]] = {
         Call(1, 1, "queue.declare", ("q1", False, False, False, "ttl")),
         Burst(2, "get-close", 1, 6, "q1"),
     ],
+    # A Queue.Bind of another client's exclusive queue to a missing exchange: RabbitMQ looks
+    # at the exchange first (404); the proxy refused the locked queue itself (405) (seed
+    # 102314, 30-minute run).
+    "binding another client's exclusive queue to a missing exchange": [
+        Connect(4),
+        OpenChannel(4, 1),
+        Call(4, 1, "queue.declare", ("e1", False, True, False, "every type")),
+        Connect(0, "AMQPLAIN", frame_max=4096),
+        OpenChannel(0, 1),
+        Call(0, 1, "queue.bind", ("e1", "x1", "k", "none")),
+    ],
+    # A client closed with 541 for unreadable properties while the broker's answer that
+    # decided it was being handled: its channel was parked twice, and the next two clients
+    # were given the same upstream channel; one got the other's replies (seed 102552, found
+    # through state an earlier program left in a long run; written out here).
+    "a channel given back during the reply that settles it is parked once": [
+        Connect(0),
+        OpenChannel(0, 1),
+        Publish(0, 1, "amq.direct", "q1", headers="NaN"),
+        Connect(1),
+        OpenChannel(1, 1),
+        Connect(2),
+        OpenChannel(2, 1),
+        Call(1, 1, "queue.declare", ("q1", False, False, False, "none")),
+        Call(2, 1, "queue.declare", ("q2", False, False, False, "none")),
+    ],
 }
 
 

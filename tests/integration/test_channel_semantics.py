@@ -358,3 +358,90 @@ def test_a_queue_of_the_same_name_made_after_a_client_deleted_its_own_survives_i
         och.queue_delete(q)
         other.close()
 
+
+def test_binding_another_clients_exclusive_queue_is_answered_as_directly(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """RabbitMQ checks a binding's exchange (404), and for an unbind whether the binding
+    exists (UnbindOk when not), before the queue's exclusivity (405). Through the proxy, A's
+    exclusive queue is on the connection B shares: B must still get the broker's order."""
+    steps = [
+        commands.Queue.Bind(exchange="itest-no-such-exchange", routing_key="k"),
+        commands.Queue.Bind(exchange="amq.direct", routing_key="k"),
+        commands.Queue.Unbind(exchange="amq.direct", routing_key="not-bound"),
+        commands.Queue.Unbind(exchange="itest-no-such-exchange", routing_key="k"),
+        commands.Queue.Unbind(exchange="amq.direct", routing_key="bound"),
+        commands.Queue.Bind(exchange="amq.direct", routing_key="k", nowait=True),
+    ]
+    outcomes = []
+    for target in targets(proxy_factory):
+        q = f"itest-locked-bind-{uuid.uuid4().hex[:8]}"
+        seen = []
+        with raw(target) as a, raw(target) as b:
+            a.send(commands.Channel.Open(), 1)
+            a.read_method()
+            a.send(commands.Queue.Declare(queue=q, exclusive=True), 1)
+            a.read_method()
+            a.send(commands.Queue.Bind(queue=q, exchange="amq.direct", routing_key="bound"), 1)
+            a.read_method()
+            for number, step in enumerate(steps, start=1):
+                step.queue = q
+                b.send(commands.Channel.Open(), number)
+                b.read_method()
+                b.send(step, number)
+                b.send(commands.Basic.Qos(prefetch_count=1), number)  # a reply after it
+                _, reply = b.read_method()
+                seen.append(f"{type(reply).__name__} {getattr(reply, 'reply_code', '')}".strip())
+                if isinstance(reply, commands.Channel.Close):
+                    b.send(commands.Channel.CloseOk(), number)
+                else:
+                    b.read_method()  # the QosOk
+        outcomes.append(seen)
+    assert outcomes[0] == [
+        "Close 404",
+        "Close 405",
+        "UnbindOk",
+        "UnbindOk",
+        "Close 405",
+        "Close 405",
+    ]
+    assert outcomes[1] == outcomes[0]
+
+
+def test_two_clients_declaring_one_exclusive_queue_at_once_keep_it_for_the_last(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """A and B declare the same exclusive queue before either DeclareOk is back: on their
+    shared upstream connection the broker confirms both, and B's (the last) decides. A's
+    departure must leave B's queue alone, and B's must still delete it, without upsetting
+    the proxy (it once deleted B's queue when A left, then failed when B left)."""
+    p = proxy_factory("--workers", "1", direct_ok=False)
+    q = f"itest-raced-{uuid.uuid4().hex[:8]}"
+    with raw(p) as a, raw(p) as b:
+        for c in (a, b):
+            c.send(commands.Channel.Open(), 1)
+            c.read_method()
+        a.send(commands.Queue.Declare(queue=q, exclusive=True), 1)
+        b.send(commands.Queue.Declare(queue=q, exclusive=True), 1)
+        assert isinstance(a.read_method()[1], commands.Queue.DeclareOk)
+        assert isinstance(b.read_method()[1], commands.Queue.DeclareOk)
+        a.send(commands.Connection.Close(200, "bye", 0, 0))
+        a.read_method()
+        time.sleep(0.3)
+        b.send(commands.Queue.Declare(queue=q, passive=True), 1)
+        assert isinstance(b.read_method()[1], commands.Queue.DeclareOk)  # still there
+        b.send(commands.Connection.Close(200, "bye", 0, 0))
+        b.read_method()
+
+    def gone() -> bool:
+        try:
+            queue_counts(q)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            return exc.reply_code == 404  # (405 while it is still someone's)
+        return False
+
+    wait_for(gone, what="B's queue deleted when B left")
+    with raw(p) as c:  # the proxy carries on
+        c.send(commands.Channel.Open(), 1)
+        assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
+    assert "Traceback" not in p.log_text()

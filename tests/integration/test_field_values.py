@@ -18,7 +18,7 @@ from tests.support.broker import BROKER_HOST, BROKER_PORT, Names
 from tests.support.pika_client import Bystander
 from tests.support.proxy import ProxyProcess
 from tests.support.raw_client import RawClient, RawClosed
-from tests.support.targets import DirectTarget, Target
+from tests.support.targets import DirectTarget, ProxyFactory, Target
 
 pytestmark = pytest.mark.usefixtures("require_proxy")
 
@@ -213,3 +213,28 @@ def test_unreadable_properties_answered_as_directly(proxy: ProxyProcess, exchang
     closed = results[0][-1][0] == "closed"
     assert closed == (exchange != "itest-values-missing"), results[0]
 
+
+def test_the_channel_of_a_client_closed_for_unreadable_properties_serves_one_client(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The 541 for unreadable properties gives the client's channels back while the broker's
+    answer that decided it is being handled: the upstream channel is parked once. (It was
+    parked twice, and handed to two later clients at once: one got the other's replies.)"""
+    proxy = proxy_factory("--workers", "1", direct_ok=False)
+    nan = table(b"k", b"d" + struct.pack(">d", float("nan")))
+    ended = outcome(proxy, publish("amq.direct", "k", nan), b"\x00\x14\x00\x28")
+    assert ended[-1][:2] == ("closed", 541), ended
+    clients = [RawClient(proxy.host, proxy.port, timeout=5) for _ in range(2)]
+    for c in clients:
+        assert "open_ok" in c.handshake()
+        c.send(commands.Channel.Open(), 1)
+        assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
+    for c in clients:
+        c.send(commands.Queue.Declare(queue="", exclusive=True), 1)
+    names = []
+    for c in clients:
+        _, reply = c.read_method()  # each its own reply, none for the other
+        assert isinstance(reply, commands.Queue.DeclareOk), reply
+        names.append(reply.queue)
+        c.close()
+    assert len(set(names)) == 2

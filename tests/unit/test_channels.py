@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amqproxy_mp.proxy.channels import ChannelNumbers
+from amqproxy_mp.proxy.channel_numbers import ChannelNumbers
 
 
 def test_allocates_lowest_free_and_respects_channel_max() -> None:

@@ -31,7 +31,7 @@ def test_configuration_reference_is_generated_from_the_option_table() -> None:
     expected = config_doc_script().render()
     actual = (DOCS / "configuration.md").read_text()
     assert actual == expected, (
-        "docs/configuration.md is out of date with amqproxy_mp/config.py OPTIONS: "
+        "docs/configuration.md is out of date with amqproxy_mp/config/options.py OPTIONS: "
         "run `python scripts/config_doc.py`"
     )
 

@@ -7,7 +7,7 @@ import struct
 import pytest
 from pamqp import commands
 
-from amqproxy_mp.amqp import frames, methods, validate
+from amqproxy_mp.amqp import frames, methods, spec, validate
 from amqproxy_mp.amqp.frames import FrameError
 
 
@@ -18,7 +18,7 @@ def test_frame_roundtrip_through_pamqp() -> None:
     assert encoded[-1] == frames.FRAME_END
     payload = memoryview(encoded)[frames.HEADER_SIZE : -1]
     assert frames.method_id(payload) == 0x003C000A
-    assert validate.method_arguments(methods.BASIC_QOS, payload) == [0, 10, False]
+    assert validate.method_arguments(spec.BASIC_QOS, payload) == [0, 10, False]
     decoded = methods.decode_broker_method(payload)
     assert isinstance(decoded, commands.Basic.Qos)
     assert decoded.prefetch_count == 10
@@ -114,7 +114,7 @@ def test_deeply_nested_tables_are_walked_without_recursion() -> None:
 
 def test_method_arguments_as_rabbitmq_reads_them() -> None:
     declare = methods.encode_method(1, commands.Queue.Declare(queue="q", exclusive=True))[7:-1]
-    assert validate.method_arguments(methods.QUEUE_DECLARE, declare)[:7] == [
+    assert validate.method_arguments(spec.QUEUE_DECLARE, declare)[:7] == [
         0,
         "q",
         False,
@@ -124,16 +124,16 @@ def test_method_arguments_as_rabbitmq_reads_them() -> None:
         False,
     ]
     with pytest.raises(FrameError) as err:  # one byte too many: the broker's 501, quoted
-        validate.method_arguments(methods.QUEUE_DECLARE, declare + b"\x00")
+        validate.method_arguments(spec.QUEUE_DECLARE, declare + b"\x00")
     assert (err.value.code, err.value.class_id, err.value.method_id) == (501, 50, 10)
     assert err.value.text == "FRAME_ERROR - cannot decode <<0,0,1,113,4,0,0,0,0,0>>"
     bad_utf8 = declare.replace(b"\x01q", b"\x01\x80")
     with pytest.raises(FrameError) as err:
-        validate.method_arguments(methods.QUEUE_DECLARE, bad_utf8)
+        validate.method_arguments(spec.QUEUE_DECLARE, bad_utf8)
     assert (err.value.code, err.value.text) == (501, "FRAME_ERROR - Malformed UTF-8 in shortstr")
     unknown_tag = declare[:-4] + struct.pack(">I", 4) + b"\x01kU\x00"
     with pytest.raises(FrameError) as err:  # its parser crashes: the socket just closes
-        validate.method_arguments(methods.QUEUE_DECLARE, unknown_tag)
+        validate.method_arguments(spec.QUEUE_DECLARE, unknown_tag)
     assert err.value.code == validate.DROP
 
 

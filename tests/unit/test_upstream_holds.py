@@ -10,7 +10,8 @@ import asyncio
 from typing import Any
 
 from amqproxy_mp.metrics import Stats
-from amqproxy_mp.proxy.upstream import READY, Login, UpstreamConnection, UpstreamSettings
+from amqproxy_mp.proxy.login import Login, UpstreamSettings
+from amqproxy_mp.proxy.upstream import State, UpstreamConnection
 
 
 class Client:
@@ -34,7 +35,7 @@ class Client:
 
 def connection() -> UpstreamConnection:
     loop = asyncio.new_event_loop()
-    settings = UpstreamSettings("127.0.0.1", 5672, None, 1.0, 0, 0)
+    settings = UpstreamSettings("127.0.0.1", 5672, None, 1.0, 0)
     return UpstreamConnection(loop, settings, Stats(), Login("u", "p"), None)
 
 
@@ -60,7 +61,7 @@ def test_a_client_told_blocked_is_told_unblocked_without_a_channel_here() -> Non
     conn = connection()
     client = Client()
     conn.blocked_clients.add(client)  # type: ignore[arg-type]
-    conn.state = READY
+    conn.state = State.OPEN
     conn._connection_method(memoryview(b"\x00\x0a\x00\x3d"))  # Connection.Unblocked
     assert client.unblocked == 1
     assert conn.blocked_clients == set()
