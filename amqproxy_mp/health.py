@@ -44,8 +44,10 @@ class HealthState:
     stopping: bool = False
     #: The broker's address as shown to operators (no password).
     upstream: str = ""
-    #: Why the last TCP check of the broker failed; "" when it answered.
+    #: Why the last TCP check of the broker failed; "" when it (or any node of it) answered.
     upstream_error: str = ""
+    #: The nodes that did not answer, with why, while another node did.
+    nodes_down: Sequence[str] = ()
     #: Why the last reload failed (the previous configuration still runs); "" otherwise.
     reload_error: str = ""
 
@@ -55,9 +57,11 @@ def verdict(state: HealthState) -> tuple[bool, str]:
     ok, text = workers_verdict(state)
     if ok and state.upstream_error:
         return False, f"upstream {state.upstream} unreachable: {state.upstream_error}"
+    if ok and state.nodes_down:  # served by the other nodes: healthy, but say so
+        text = f"OK; upstream nodes down: {', '.join(state.nodes_down)}"
     if ok and state.reload_error:
         # still serving, on the previous configuration: healthy, but say so
-        return True, f"OK; the last reload failed: {state.reload_error}"
+        return True, f"{text}; the last reload failed: {state.reload_error}"
     return ok, text
 
 

@@ -572,6 +572,7 @@ class Master:
             stopping=bool(self.stopping),
             upstream=str(self.config.upstream),
             upstream_error=self.status.probe.error,
+            nodes_down=self.status.probe.down,
             reload_error=self.reload_error,
         )
 

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -99,6 +99,9 @@ class Stats:
         "client_bytes_out",
         "client_disconnects",
         "delivered",
+        "failovers",
+        "node_connect_seconds",
+        "node_state_changes",
         "published",
         "upstream_bytes_in",
         "upstream_bytes_out",
@@ -128,6 +131,12 @@ class Stats:
         self.auth_failures: collections.Counter[str] = collections.Counter()
         #: by reason, see CLIENT_DISCONNECT_REASONS
         self.client_disconnects: collections.Counter[str] = collections.Counter()
+        #: (node, seconds) per successful upstream connect; export clears it
+        self.node_connect_seconds: list[tuple[str, float]] = []
+        #: upstream nodes this worker saw go down while up (new connections go elsewhere)
+        self.failovers = 0
+        #: by node: changes of its state (up, down)
+        self.node_state_changes: collections.Counter[str] = collections.Counter()
 
 
 @dataclass
@@ -138,6 +147,8 @@ class Gauges:
     upstream_connections: int = 0
     client_channels: int = 0
     upstream_channels: int = 0
+    #: per upstream node: (up, this worker's connections to it, their channels)
+    nodes: dict[str, tuple[bool, int, int]] = field(default_factory=dict)
 
 
 # --- worker side ---------------------------------------------------------------------------
@@ -193,6 +204,8 @@ PLAIN_COUNTERS: Final = (
     ("client_bytes_out", "amqproxy_client_bytes_sent", "Bytes sent to clients"),
     ("upstream_bytes_in", "amqproxy_upstream_bytes_received", "Bytes received from the broker"),
     ("upstream_bytes_out", "amqproxy_upstream_bytes_sent", "Bytes sent to the broker"),
+    ("failovers", "amqproxy_upstream_failovers",
+     "Upstream nodes seen to go down while up: new connections went to the other nodes"),
 )  # fmt: skip
 
 
@@ -251,14 +264,48 @@ class WorkerMetrics:
             buckets=CONNECT_BUCKETS,
             registry=None,
         )
+        self.node_connect_seconds = Histogram(
+            "amqproxy_upstream_node_connect_seconds",
+            "Time to open an upstream connection, by node",
+            ("node",),
+            buckets=CONNECT_BUCKETS,
+            registry=None,
+        )
+        self.node_state_changes = counter(
+            "amqproxy_upstream_node_state_changes",
+            "Upstream nodes going down or coming back, by node",
+            ("node",),
+        )
+        self.node_up = Gauge(
+            "amqproxy_upstream_node_up",
+            "1 while an upstream node is up (as any worker sees it), by node",
+            ("node",),
+            registry=None,
+            multiprocess_mode="max",
+        )
+        self.node_connections = Gauge(
+            "amqproxy_upstream_node_connections",
+            "Upstream connections, by node",
+            ("node",),
+            registry=None,
+            multiprocess_mode="livesum",
+        )
+        self.node_channels = Gauge(
+            "amqproxy_upstream_node_channels",
+            "Channels open on upstream connections, by node",
+            ("node",),
+            registry=None,
+            multiprocess_mode="livesum",
+        )
+        self._node_changes = _LabelledDelta(self.node_state_changes, ())
         self._errors = _LabelledDelta(self.upstream_errors, UPSTREAM_ERROR_REASONS)
         self._auth = _LabelledDelta(self.auth_failures, AUTH_FAILURE_CODES)
         self._disconnects = _LabelledDelta(self.client_disconnects, CLIENT_DISCONNECT_REASONS)
 
     def export(self, stats: Stats, gauges: Gauges) -> None:
         """Publish what changed since the last call (the worker calls this every 0.5-1 s)."""
-        for field, counter, delta in self._plain:
-            amount = delta.take(getattr(stats, field))
+        for name, counter, delta in self._plain:
+            amount = delta.take(getattr(stats, name))
             if amount:
                 counter.inc(amount)
         self._errors.export(stats.upstream_errors)
@@ -272,6 +319,14 @@ class WorkerMetrics:
         self.upstream_connections.set(gauges.upstream_connections)
         self.client_channels.set(gauges.client_channels)
         self.upstream_channels.set(gauges.upstream_channels)
+        self._node_changes.export(stats.node_state_changes)
+        for node, seconds in stats.node_connect_seconds:
+            self.node_connect_seconds.labels(node).observe(seconds)
+        stats.node_connect_seconds.clear()
+        for node, (up, connections, channels) in gauges.nodes.items():
+            self.node_up.labels(node).set(1 if up else 0)
+            self.node_connections.labels(node).set(connections)
+            self.node_channels.labels(node).set(channels)
 
 
 # --- the metrics directory -----------------------------------------------------------------

@@ -30,33 +30,64 @@ UPSTREAM_CHECK_INTERVAL: Final = 2.0
 
 
 class UpstreamProbe:
-    """Connects to the broker every UPSTREAM_CHECK_INTERVAL; logs when that starts or stops
-    failing. `error` is why the last try failed, "" when the broker answered."""
+    """Connects to each broker node every UPSTREAM_CHECK_INTERVAL; logs when a node starts or
+    stops failing. `errors` holds why the last try of each failing node failed."""
 
     def __init__(self, config: Callable[[], Config]) -> None:
         self._config = config  # (the running configuration: a reload may change the timeout)
-        self.error = ""
+        self.errors: dict[str, str] = {}
+
+    @property
+    def nodes(self) -> list[str]:
+        return [node.url for node in self._config().upstream.nodes]
+
+    @property
+    def error(self) -> str:
+        """Why the broker is unreachable: "" while any node answers."""
+        nodes = self.nodes
+        if any(node not in self.errors for node in nodes):
+            return ""
+        if len(nodes) == 1:
+            return self.errors[nodes[0]]
+        return "; ".join(f"{node}: {self.errors[node]}" for node in nodes)
+
+    @property
+    def down(self) -> tuple[str, ...]:
+        """The nodes that do not answer, with why, while some other node does."""
+        if self.error:
+            return ()
+        return tuple(f"{node} ({error})" for node, error in self.errors.items())
 
     async def run(self) -> None:
-        upstream = self._config().upstream
         while True:
             timeout = self._config().upstream_connect_timeout
-            try:
-                async with asyncio.timeout(timeout):
-                    _, writer = await asyncio.open_connection(upstream.host, upstream.port)
-                writer.close()
-                error = ""
-            except TimeoutError:
-                error = f"no answer within {timeout:g} s"
-            except OSError as exc:
-                error = exc.strerror or str(exc)
-            if error != self.error:
+            nodes = self._config().upstream.nodes
+            results = await asyncio.gather(
+                *(self._check(node.host, node.port, timeout) for node in nodes)
+            )
+            for node, error in zip(nodes, results, strict=True):
+                before = self.errors.get(node.url, "")
+                if error and error != before:
+                    log.error("upstream %s unreachable: %s", node.url, error)
+                elif before and not error:
+                    log.info("upstream %s reachable again", node.url)
                 if error:
-                    log.error("upstream %s unreachable: %s", upstream, error)
-                elif self.error:
-                    log.info("upstream %s reachable again", upstream)
-            self.error = error
+                    self.errors[node.url] = error
+                else:
+                    self.errors.pop(node.url, None)
             await asyncio.sleep(UPSTREAM_CHECK_INTERVAL)
+
+    @staticmethod
+    async def _check(host: str, port: int, timeout: float) -> str:
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            return ""
+        except TimeoutError:
+            return f"no answer within {timeout:g} s"
+        except OSError as exc:
+            return exc.strerror or str(exc)
 
 
 class Status:

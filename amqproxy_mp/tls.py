@@ -14,7 +14,7 @@ from amqproxy_mp.config import Config, ConfigError
 
 def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
     """Verify the broker's certificate against the system CAs unless told otherwise."""
-    if not config.upstream.tls:
+    if not any(node.tls for node in config.upstream.nodes):
         return None
     context = ssl.create_default_context(cafile=config.upstream_tls_ca_file)
     if config.upstream_tls_cert_file:

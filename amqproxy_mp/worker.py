@@ -26,6 +26,7 @@ from amqproxy_mp.logs import reopen_log_file
 from amqproxy_mp.metrics import Disconnect, Gauges, Stats, WorkerMetrics, write_pool_status
 from amqproxy_mp.proxy.client import ClientSession
 from amqproxy_mp.proxy.context import build_context
+from amqproxy_mp.proxy.nodes import NodeState
 from amqproxy_mp.tls import listener_tls_context, upstream_tls_context
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Worker:
             # long drain), heartbeats on both hops, metrics
             await self.shutdown()
         ticker.cancel()
+        self.ctx.pools.nodes.close()
         self._export_metrics()
         return 0
 
@@ -147,7 +149,7 @@ class Worker:
             "amqproxy-mp %s listening on %s, upstream %s",
             __version__,
             addresses,
-            self.ctx.pools.settings.upstream.address,
+            self.config.upstream,
         )
 
     def _on_signal(self, signum: int) -> None:
@@ -190,6 +192,7 @@ class Worker:
             if not conn.send_heartbeat_if_due(now):
                 conn.missed_heartbeats()
         self.ctx.pools.close_idle()
+        self.ctx.pools.nodes.tick(self.loop, now)
         if ticks % METRICS_EVERY == 0:
             self._export_metrics()
         self._give_memory_back()
@@ -235,6 +238,11 @@ class Worker:
             return
         pools = list(self.ctx.pools)
         connections = [conn for pool in pools for conn in pool.connections]
+        per_node = {node.name: [node.state is NodeState.UP, 0, 0] for node in self.ctx.pools.nodes}
+        for conn in connections:
+            counts = per_node.setdefault(conn.node.name, [False, 0, 0])
+            counts[1] += 1
+            counts[2] += len(conn.channels)
         self._metrics.export(
             self.stats,
             Gauges(
@@ -242,6 +250,7 @@ class Worker:
                 upstream_connections=len(connections),
                 client_channels=sum(len(session.channels) for session in self.ctx.sessions),
                 upstream_channels=sum(len(conn.channels) for conn in connections),
+                nodes={name: (bool(up), int(n), int(c)) for name, (up, n, c) in per_node.items()},
             ),
         )
         write_pool_status(
@@ -254,6 +263,7 @@ class Worker:
                     "user": pool.user,
                     "vhost": pool.vhost,
                     "upstream_connections": len(pool.connections),
+                    "nodes": sorted(conn.node.name for conn in pool.connections),
                     "channels_in_use": sum(len(conn.channels) for conn in pool.connections),
                     "clients": pool.clients,
                 }

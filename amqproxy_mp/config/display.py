@@ -19,10 +19,11 @@ def format_value(value: object) -> str:
 
 def format_config(loaded: LoadedConfig) -> str:
     """One aligned line per option: name, effective value, where the value came from."""
+    config = loaded.config
     rows = [
         (
             option.name,
-            format_value(getattr(loaded.config, option.name)),
+            format_value(getattr(config, option.name)),
             loaded.sources[option.name],
         )
         for option in OPTIONS

@@ -30,7 +30,11 @@ def _parse_raw(option: Option, raw: Raw) -> Any:
         shown = redact_url(shown)
     prefix = f"{raw.key} = {shown!r} from {raw.origin}"
     value = raw.value
-    if raw.typed or not isinstance(value, str):
+    if isinstance(value, list) and list in option.yaml_types:  # a YAML list of URLs
+        if not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{prefix}: expected {option.allowed}, not a list of other values")
+        value = ",".join(value)
+    elif raw.typed or not isinstance(value, str):
         is_bool = isinstance(value, bool)
         if not isinstance(value, option.yaml_types) or (is_bool and bool not in option.yaml_types):
             raise ConfigError(f"{prefix}: expected {option.allowed}, not {type_name(raw.value)}")
@@ -75,7 +79,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> LoadedConfig
             "(amqproxy amqp://rabbitmq.example.com), set AMQP_URL, or set upstream in the "
             "config file's [main] section"
         )
-    upstream, warnings = values["upstream"]  # parse_upstream_url's result, from its one run
+    upstream, warnings = values["upstream"]  # parse_upstream_urls's result, from its one run
     values["upstream"] = upstream
     _check_combinations(values, sources, warnings)
     return LoadedConfig(Config(**values), sources, warnings)
@@ -108,7 +112,7 @@ def _check_combinations(
             )
     tls_options = [o.name for o in OPTIONS if o.name.startswith("upstream_tls_")]
     in_use = [name for name in tls_options if values[name]]
-    if in_use and not values["upstream"].tls:
+    if in_use and not any(node.tls for node in values["upstream"].nodes):
         warnings.append(
             f"{', '.join(in_use)} ignored: the upstream {values['upstream']} does not use TLS "
             "(use amqps://)"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class ConfigError(Exception):
@@ -12,19 +12,30 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Upstream:
-    """The broker, reduced to what the proxy uses: credentials and vhost come from each client."""
+    """The broker, reduced to what the proxy uses (credentials and vhost come from each
+    client): its first node, and the other nodes of its cluster, in the order given."""
 
     scheme: str
     host: str
     port: int
+    others: tuple[Upstream, ...] = ()
 
     @property
     def tls(self) -> bool:
         return self.scheme == "amqps"
 
-    def __str__(self) -> str:
+    @property
+    def nodes(self) -> tuple[Upstream, ...]:
+        """Every node, each on its own."""
+        return (replace(self, others=()), *self.others)
+
+    @property
+    def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return ",".join(node.url for node in self.nodes)
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,8 @@ class Config:
     workers: int = 0
     worker_timeout: float = 30.0
     config_file: str | None = None
+    upstream_policy: str = "spread"
+    upstream_node_connect_timeout: float = 2.0
 
     @property
     def worker_count(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -151,6 +151,30 @@ def parse_upstream_url(text: str) -> tuple[Upstream, list[str]]:
     return upstream, warnings
 
 
+def parse_upstream_urls(text: str) -> tuple[Upstream, list[str]]:
+    """One or more upstream URLs, comma-separated: the nodes of a cluster, in order."""
+    nodes: list[Upstream] = []
+    warnings: list[str] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        node, node_warnings = parse_upstream_url(part)
+        if node in nodes:
+            raise BadValue(f"{node} is listed twice")
+        nodes.append(node)
+        warnings.extend(w for w in node_warnings if w not in warnings)
+    if not nodes:
+        raise BadValue(_URL_FORM)
+    return replace(nodes[0], others=tuple(nodes[1:])), warnings
+
+
+def _policy(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("spread", "ordered"):
+        raise BadValue("expected spread or ordered")
+    return value
+
+
 def redact_url(text: str) -> str:
     """Hide a password before a URL goes into an error message."""
     scheme, sep, rest = text.partition("://")
@@ -198,11 +222,26 @@ _NUMBER = (int, float)
 
 OPTIONS: tuple[Option, ...] = (
     _opt(
-        "upstream", parse_upstream_url, _URL_FORM.removeprefix("expected "),
-        help="AMQP URL of the broker; scheme, host and port only (clients bring their own "
-        "credentials and vhost). Ports default to 5672 (amqp) and 5671 (amqps)",
+        "upstream", parse_upstream_urls,
+        _URL_FORM.removeprefix("expected ") + ", or several, comma-separated",
+        help="AMQP URL of the broker, or of each node of a cluster (several arguments, or "
+        "comma-separated); scheme, host and port only (clients bring their own credentials "
+        "and vhost). Ports default to 5672 (amqp) and 5671 (amqps). A host name that resolves "
+        "to several addresses is one node per address",
         metavar="URL", flags=(), positional=True, env="AMQP_URL", default=None,
-        default_text="none, required",
+        default_text="none, required", yaml_types=(str, list),
+    ),
+    _opt(
+        "upstream_policy", _policy, "spread or ordered",
+        help="which healthy node a new upstream connection goes to: spread (the one with the "
+        "fewest of this worker's connections) or ordered (the first in the list)",
+        metavar="POLICY",
+    ),
+    _opt(
+        "upstream_node_connect_timeout", _seconds(positive=True), _SECONDS_GT_0,
+        help="seconds one node gets to accept a connection and its handshake before the "
+        "attempt moves on to the next node (upstream_connect_timeout is the whole budget)",
+        metavar="SECONDS", yaml_types=_NUMBER,
     ),
     _opt(
         "listen_address", _host, "a host name or IP address",
@@ -342,7 +381,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     _opt(
         "upstream_connect_timeout", _seconds(positive=True), _SECONDS_GT_0,
-        help="seconds for TCP, TLS and the AMQP handshake to the broker", metavar="SECONDS",
+        help="seconds a client waits for an upstream connection: TCP, TLS and the AMQP "
+        "handshake, over every node tried", metavar="SECONDS",
         yaml_types=_NUMBER,
     ),
     _opt(

@@ -52,8 +52,10 @@ class _Record(argparse.Action):
     ) -> None:
         if self.nargs == 0:
             values = self.const
-        if values is None:  # an absent optional positional
+        if values is None or values == []:  # an absent optional positional
             return
+        if isinstance(values, list):  # several positional URLs: the nodes of a cluster
+            values = ",".join(values)
         flag = option_string or "argument"
         raw = Raw(values, self.dest, f"command line ({flag})", f"command line ({flag})")
         setattr(namespace, self.dest, raw)
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line parser; -h, -v and --print-config are acted on by amqproxy_mp.cli."""
     parser = _Parser(
         prog="amqproxy",
-        usage="amqproxy [options] [amqp upstream url]",
+        usage="amqproxy [options] [amqp upstream url ...]",
         description="AMQP 0-9-1 proxy with upstream connection and channel pooling.",
         epilog="Precedence, highest first: config file, command line, environment, defaults.\n"
         "Config file keys are option names in [main], except [listen] address/bind and port.",
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = _help_text(option)
         if option.positional:
             parser.add_argument(
-                option.name, nargs="?", action=_Record, metavar=option.metavar, help=help_text
+                option.name, nargs="*", action=_Record, metavar=option.metavar, help=help_text
             )
         if option.flags:
             parser.add_argument(

@@ -22,6 +22,7 @@ from amqproxy_mp.config import Config
 from amqproxy_mp.metrics import Disconnect, Stats
 from amqproxy_mp.proxy.exchange_types import ExchangeTypes
 from amqproxy_mp.proxy.login import UpstreamSettings
+from amqproxy_mp.proxy.nodes import Nodes
 from amqproxy_mp.proxy.pool import Pools, PoolSettings
 from amqproxy_mp.proxy.queue_types import QueueTypes
 
@@ -106,14 +107,18 @@ def build_context(
     stats: Stats,
     upstream_tls: ssl.SSLContext | None,
 ) -> ProxyContext:
+    nodes = Nodes(
+        config.upstream,
+        config.upstream_policy,
+        config.upstream_node_connect_timeout,
+        upstream_tls,
+        stats,
+    )
     pools = Pools(
         loop,
         stats,
         PoolSettings(
             upstream=UpstreamSettings(
-                host=config.upstream.host,
-                port=config.upstream.port,
-                ssl_context=upstream_tls,
                 connect_timeout=config.upstream_connect_timeout,
                 heartbeat=config.upstream_heartbeat,
             ),
@@ -122,6 +127,7 @@ def build_context(
             max_lifetime=config.upstream_max_lifetime,
             idle_timeout=config.idle_connection_timeout,
         ),
+        nodes,
     )
     start = m.commands.Connection.Start(
         version_major=0,

@@ -7,7 +7,6 @@ broker decides every login; the proxy announces itself in the client properties.
 from __future__ import annotations
 
 import platform
-import ssl
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -48,19 +47,11 @@ class UpstreamError(Exception):
 
 @dataclass(frozen=True)
 class UpstreamSettings:
-    """How to reach the broker: the part of the config this module needs."""
+    """What every upstream connection gets, whichever node it goes to (nodes.py)."""
 
-    host: str
-    port: int
-    ssl_context: ssl.SSLContext | None
+    #: Seconds a client waits for an upstream connection, over every node tried.
     connect_timeout: float
     heartbeat: int
-
-    @property
-    def address(self) -> str:
-        scheme = "amqps" if self.ssl_context else "amqp"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}"
 
 
 @dataclass(frozen=True)

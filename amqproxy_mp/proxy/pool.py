@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from amqproxy_mp.amqp.spec import CONNECTION_FORCED, RESOURCE_ERROR
 from amqproxy_mp.metrics import Stats
 from amqproxy_mp.proxy.channels import ChannelLink
-from amqproxy_mp.proxy.connect import complete_upstream, open_upstream
+from amqproxy_mp.proxy.connect import CLIENTS_ANSWER, complete_upstream, open_upstream
 from amqproxy_mp.proxy.login import Login, UpstreamError, UpstreamSettings
+from amqproxy_mp.proxy.nodes import Nodes
 from amqproxy_mp.proxy.sides import ClientSide
 from amqproxy_mp.proxy.upstream import UpstreamConnection
 
@@ -128,13 +129,16 @@ class Pool:
     async def _open(self, tuned: UpstreamConnection | None) -> UpstreamConnection:
         pools = self.pools
         try:
+            conn = None
             if tuned is not None:
-                conn = await complete_upstream(tuned, self)
-            else:
-                login = Login(self.user, self.password)
-                conn = await open_upstream(
-                    pools.loop, pools.settings.upstream, pools.stats, login, self
-                )
+                try:
+                    conn = await complete_upstream(tuned, self)
+                except UpstreamError as exc:
+                    if exc.code in CLIENTS_ANSWER or len(pools.nodes.urls) == 1:
+                        raise
+                    # its node failed between the login and the vhost: another node
+            if conn is None:
+                conn = await pools.connect(Login(self.user, self.password), self)
             self.connections.append(conn)
             return conn
         finally:
@@ -149,13 +153,7 @@ class Pool:
         it, else its refusal (code, text, and whether it closed the connection). This is
         what a client's own connection would get, where the shared one would differ."""
         pools = self.pools
-        conn = await open_upstream(
-            pools.loop,
-            pools.settings.upstream,
-            pools.stats,
-            Login(self.user, self.password),
-            Pool(pools, self.credentials),
-        )
+        conn = await pools.connect(Login(self.user, self.password), Pool(pools, self.credentials))
         try:
             async with asyncio.timeout(pools.settings.upstream.connect_timeout):
                 result = await conn.probe(method)
@@ -165,7 +163,7 @@ class Pool:
         except TimeoutError:
             raise UpstreamError(
                 CONNECTION_FORCED,
-                f"CONNECTION_FORCED - upstream {pools.settings.upstream.address} did not answer "
+                f"CONNECTION_FORCED - upstream {conn.node.name} did not answer "
                 f"the {purpose} within {pools.settings.upstream.connect_timeout:g} s",
             ) from None
         finally:
@@ -205,9 +203,7 @@ class PendingLogin:
 
     def __init__(self, pools: Pools, login: Login) -> None:
         self.key = (login.user, login.password)
-        self.task = asyncio.ensure_future(
-            open_upstream(pools.loop, pools.settings.upstream, pools.stats, login, None)
-        )
+        self.task = asyncio.ensure_future(pools.connect(login, None))
         self.task.add_done_callback(lambda _: pools.logins.pop(self.key, None))
         #: Clients waiting for the verdict or holding it until their Connection.Open.
         self.holders = 0
@@ -239,14 +235,22 @@ class Pools:
     """All pools of one worker."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, stats: Stats, settings: PoolSettings
+        self, loop: asyncio.AbstractEventLoop, stats: Stats, settings: PoolSettings, nodes: Nodes
     ) -> None:
         self.loop = loop
         self.stats = stats
         self.settings = settings
+        #: The broker's nodes: which are up, and where a new connection goes.
+        self.nodes = nodes
         self._pools: dict[Credentials, Pool] = {}
         #: Logins being checked, by (user, password).
         self.logins: dict[tuple[str, str], PendingLogin] = {}
+
+    async def connect(self, login: Login, pool: Pool | None) -> UpstreamConnection:
+        """A new upstream connection, on the node the policy picks (see open_upstream)."""
+        return await open_upstream(
+            self.loop, self.settings.upstream, self.nodes, self.stats, login, pool
+        )
 
     def verified(self, user: str, password: str) -> bool:
         """A live upstream connection was opened with exactly these credentials."""

@@ -24,6 +24,7 @@ from amqproxy_mp.proxy.channel_numbers import ChannelNumbers
 from amqproxy_mp.proxy.channels import ChannelLink
 from amqproxy_mp.proxy.exclusive import ExclusiveQueues
 from amqproxy_mp.proxy.login import Login, UpstreamError, UpstreamSettings
+from amqproxy_mp.proxy.nodes import Node, Nodes
 from amqproxy_mp.proxy.publishing import NO_CONTENT
 from amqproxy_mp.proxy.sides import ClientSide, PoolSide
 
@@ -52,12 +53,19 @@ class UpstreamConnection(FramedProtocol):
         self,
         loop: asyncio.AbstractEventLoop,
         settings: UpstreamSettings,
+        node: Node,
+        nodes: Nodes,
         stats: Stats,
         login: Login,
         pool: PoolSide | None,
     ) -> None:
         super().__init__(loop)
         self.settings = settings
+        #: The broker node it goes to, and what to tell when that node fails.
+        self.node = node
+        self._nodes = nodes
+        #: Counted in node.connections (from its OpenOk or Tune to its end).
+        self._counted = False
         self.login = login
         #: The pool it belongs to, once a vhost is open on it (see open_vhost).
         self.pool: PoolSide | None = pool
@@ -78,9 +86,11 @@ class UpstreamConnection(FramedProtocol):
         self.local_port: int | None = None
         self.stats = stats
         #: How log lines name this connection.
-        self.name = f"{settings.address} (user={login.user!r})"
+        self.name = f"{node.name} (user={login.user!r})"
         if pool is not None:
-            self.name = f"{settings.address} (user={pool.user!r} vhost={pool.vhost!r})"
+            self.name = f"{node.name} (user={pool.user!r} vhost={pool.vhost!r})"
+        #: What clients' error texts add so that they name the node, when there are several.
+        self.where = f" (node {node.name})" if len(nodes.urls) > 1 else ""
         #: Exclusive queues declared through this connection, and the client that owns each.
         self.exclusive = ExclusiveQueues(self, self._spare_link)
         #: Clients told that this connection is blocked (told again when it is unblocked,
@@ -114,6 +124,9 @@ class UpstreamConnection(FramedProtocol):
         was = self.state
         self.state = State.CLOSED
         self.closed = True
+        if self._counted:
+            self._counted = False
+            self.node.connections -= 1
         if was is State.HANDSHAKE:
             self._handshake_failed(self._handshake_failure(exc))
             return
@@ -126,8 +139,12 @@ class UpstreamConnection(FramedProtocol):
                 self.name,
                 reason,
             )
+            self._nodes.failed(self.node, reason)
             self._close_clients(
-                spec.CONNECTION_FORCED, "CONNECTION_FORCED - upstream connection lost", 0, 0
+                spec.CONNECTION_FORCED,
+                f"CONNECTION_FORCED - upstream connection lost{self.where}",
+                0,
+                0,
             )
         elif was is State.CLOSING:
             log.info(
@@ -145,7 +162,7 @@ class UpstreamConnection(FramedProtocol):
         detail = f": {exc}" if exc else ""
         return UpstreamError(
             spec.CONNECTION_FORCED,
-            f"CONNECTION_FORCED - upstream {self.settings.address} closed the connection "
+            f"CONNECTION_FORCED - upstream {self.node.name} closed the connection "
             f"during the handshake{detail}",
         )
 
@@ -235,7 +252,7 @@ class UpstreamConnection(FramedProtocol):
             raise FrameError(spec.UNEXPECTED_FRAME, "UNEXPECTED_FRAME - content on channel 0")
 
     def protocol_error(self, exc: FrameError) -> None:
-        log.error("upstream %s sent an invalid frame: %s", self.settings.address, exc.text)
+        log.error("upstream %s sent an invalid frame: %s", self.node.name, exc.text)
         self._fail(
             spec.INTERNAL_ERROR, f"INTERNAL_ERROR - upstream sent an invalid frame: {exc.text}"
         )
@@ -276,6 +293,13 @@ class UpstreamConnection(FramedProtocol):
             if not self.ready.done():
                 self.ready.set_result(None)
 
+    def joined_node(self) -> None:
+        """The handshake went through: the connection counts on its node (spread policy)."""
+        if not self._counted and not self.closed:
+            self._counted = True
+            self.node.connections += 1
+            self._nodes.succeeded(self.node)
+
     def _leave_pool(self) -> None:
         if self.pool is not None:
             self.pool.connection_gone(self)
@@ -283,7 +307,7 @@ class UpstreamConnection(FramedProtocol):
     def open_vhost(self, pool: PoolSide) -> None:
         """The login is accepted: finish the handshake with the pool's vhost."""
         self.pool = pool
-        self.name = f"{self.settings.address} (user={pool.user!r} vhost={pool.vhost!r})"
+        self.name = f"{self.node.name} (user={pool.user!r} vhost={pool.vhost!r})"
         if self.tuned.done() and not self.closed:
             self.send(self._tune_ok)
             self.send(m.encode_method(0, commands.Connection.Open(virtual_host=pool.vhost)))
@@ -308,10 +332,15 @@ class UpstreamConnection(FramedProtocol):
                 close.reply_text,
             )
             self._close_reason = f"closed by broker: {close.reply_code} {close.reply_text}"
+            if close.reply_code == spec.CONNECTION_FORCED:  # shutdown, maintenance drain
+                self._nodes.failed(self.node, self._close_reason)
             self.state = State.CLOSED
             self._leave_pool()
             self._close_clients(
-                close.reply_code or 0, close.reply_text, close.class_id or 0, close.method_id or 0
+                close.reply_code or 0,
+                close.reply_text + self.where,
+                close.class_id or 0,
+                close.method_id or 0,
             )
             self.close_transport()
         elif mid == spec.CONNECTION_CLOSE_OK:
@@ -369,7 +398,10 @@ class UpstreamConnection(FramedProtocol):
             self.name,
             self.heartbeat,
         )
-        self._fail(spec.CONNECTION_FORCED, "CONNECTION_FORCED - upstream missed heartbeats")
+        self._nodes.failed(self.node, "missed heartbeats")
+        self._fail(
+            spec.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream missed heartbeats{self.where}"
+        )
 
     def _fail(self, code: int, text: str) -> None:
         """Give up on this connection: tell its clients, then drop it."""

@@ -408,13 +408,14 @@ def test_binding_another_clients_exclusive_queue_is_answered_as_directly(
     assert outcomes[1] == outcomes[0]
 
 
-def test_two_clients_declaring_one_exclusive_queue_at_once_keep_it_for_the_last(
+def test_two_clients_declaring_one_exclusive_queue_at_once_share_it_safely(
     proxy_factory: ProxyFactory,
 ) -> None:
     """A and B declare the same exclusive queue before either DeclareOk is back: on their
-    shared upstream connection the broker confirms both, and B's (the last) decides. A's
-    departure must leave B's queue alone, and B's must still delete it, without upsetting
-    the proxy (it once deleted B's queue when A left, then failed when B left)."""
+    shared upstream connection the broker confirms both, and the DeclareOk processed last
+    decides its owner (the other gets 405 for it, as from another connection). The other's
+    departure leaves the queue alone; the owner's deletes it; the proxy carries on. (It once
+    deleted the queue when the other left, then failed when the owner left.)"""
     p = proxy_factory("--workers", "1", direct_ok=False)
     q = f"itest-raced-{uuid.uuid4().hex[:8]}"
     with raw(p) as a, raw(p) as b:
@@ -425,13 +426,20 @@ def test_two_clients_declaring_one_exclusive_queue_at_once_keep_it_for_the_last(
         b.send(commands.Queue.Declare(queue=q, exclusive=True), 1)
         assert isinstance(a.read_method()[1], commands.Queue.DeclareOk)
         assert isinstance(b.read_method()[1], commands.Queue.DeclareOk)
-        a.send(commands.Connection.Close(200, "bye", 0, 0))
-        a.read_method()
+        answers = {}
+        for name, c in (("a", a), ("b", b)):
+            c.send(commands.Queue.Declare(queue=q, passive=True), 1)
+            answers[name] = c.read_method()[1]
+        owners = [n for n, m in answers.items() if isinstance(m, commands.Queue.DeclareOk)]
+        assert len(owners) == 1, answers  # the other was told 405, as directly
+        owner, other = (a, b) if owners == ["a"] else (b, a)
+        other.send(commands.Connection.Close(200, "bye", 0, 0))
+        other.read_method()
         time.sleep(0.3)
-        b.send(commands.Queue.Declare(queue=q, passive=True), 1)
-        assert isinstance(b.read_method()[1], commands.Queue.DeclareOk)  # still there
-        b.send(commands.Connection.Close(200, "bye", 0, 0))
-        b.read_method()
+        owner.send(commands.Queue.Declare(queue=q, passive=True), 1)
+        assert isinstance(owner.read_method()[1], commands.Queue.DeclareOk)  # still there
+        owner.send(commands.Connection.Close(200, "bye", 0, 0))
+        owner.read_method()
 
     def gone() -> bool:
         try:
@@ -440,7 +448,7 @@ def test_two_clients_declaring_one_exclusive_queue_at_once_keep_it_for_the_last(
             return exc.reply_code == 404  # (405 while it is still someone's)
         return False
 
-    wait_for(gone, what="B's queue deleted when B left")
+    wait_for(gone, what="the queue deleted when its owner left")
     with raw(p) as c:  # the proxy carries on
         c.send(commands.Channel.Open(), 1)
         assert isinstance(c.read_method()[1], commands.Channel.OpenOk)

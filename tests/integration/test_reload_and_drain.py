@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -181,16 +182,25 @@ def http_status(url: str) -> int:
         return int(r.status)
 
 
+def http_code(url: str) -> int:
+    """The status, 503 included."""
+    try:
+        return http_status(url)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_http_has_its_own_address_loopback_by_default(proxy_factory: ProxyFactory) -> None:
     """/pools names users and vhosts: HTTP does not follow the AMQP listen address."""
     p = proxy_factory("--workers", "1", "--listen", "127.0.0.3")
     assert isinstance(p, ProxyProcess)
-    assert http_status(f"http://127.0.0.1:{p.http_port}/healthz") == 200
+    # (the proxy's port accepts before its worker is ready: /healthz says 503 until then)
+    wait_for(lambda: http_code(f"http://127.0.0.1:{p.http_port}/healthz") == 200, what="200")
     with pytest.raises(OSError):
         http_status(f"http://127.0.0.3:{p.http_port}/healthz")
     q = proxy_factory("--workers", "1", "--http-address", "127.0.0.2")
     assert isinstance(q, ProxyProcess)
-    assert http_status(f"http://127.0.0.2:{q.http_port}/healthz") == 200
+    wait_for(lambda: http_code(f"http://127.0.0.2:{q.http_port}/healthz") == 200, what="200")
     with pytest.raises(OSError):
         http_status(f"http://127.0.0.1:{q.http_port}/healthz")
 

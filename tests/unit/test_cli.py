@@ -49,7 +49,7 @@ def test_version() -> None:
 def test_help_lists_every_option_with_its_env_var_and_default() -> None:
     result = amqproxy("--help")
     assert result.returncode == 0
-    assert result.stdout.startswith("usage: amqproxy [options] [amqp upstream url]")
+    assert result.stdout.startswith("usage: amqproxy [options] [amqp upstream url ...]")
     text = " ".join(result.stdout.split())  # undo line wrapping
     for option in OPTIONS:
         if option.env:

@@ -564,7 +564,7 @@ def test_missing_upstream_names_the_three_ways_to_set_it() -> None:
     [
         (["--bogus", URL], "unrecognized arguments: --bogus"),
         ([URL, "-p"], "argument -p/--port/--listen-port: expected one argument"),
-        ([URL, URL], "unrecognized arguments"),
+        ([URL, URL], "is listed twice"),
         (["--idle", "5", URL], "unrecognized arguments: --idle"),  # no abbreviations
         (["-c", "", URL], "config_file = '' from command line (-c)"),
     ],
@@ -601,3 +601,59 @@ def test_format_config_keeps_full_precision() -> None:
     assert rows["idle_connection_timeout"] == "1234567.25"
     assert rows["upstream_connect_timeout"] == "0.1"
     assert rows["client_handshake_timeout"] == "10"
+
+
+# --- several nodes (a cluster) ----------------------------------------------------------------
+
+
+CLUSTER = (
+    Upstream("amqp", "rabbit-1", 5672),
+    Upstream("amqp", "rabbit-2", 5680),
+    Upstream("amqps", "rabbit-3", 5671),
+)
+
+
+def test_several_upstreams_from_every_source(tmp_path: Path) -> None:
+    urls = ["amqp://rabbit-1", "amqp://rabbit-2:5680", "amqps://rabbit-3"]
+    ini = write(tmp_path, "a.ini", f"[main]\nupstream = {', '.join(urls)}\n")
+    yml = write(tmp_path, "a.yml", "main:\n  upstream:\n" + "".join(f"    - {u}\n" for u in urls))
+    for loaded in (
+        load(urls),
+        load([], {"AMQP_URL": ",".join(urls)}),
+        load(["-c", ini]),
+        load(["-c", yml]),
+    ):
+        assert loaded.config.upstream.nodes == CLUSTER
+        assert loaded.config.upstream == Upstream("amqp", "rabbit-1", 5672, CLUSTER[1:])
+        assert (
+            str(loaded.config.upstream)
+            == "amqp://rabbit-1:5672,amqp://rabbit-2:5680,amqps://rabbit-3:5671"
+        )
+    rows = {line.split()[0]: line for line in format_config(load(urls)).splitlines()}
+    assert rows["upstream"].split()[1] == str(load(urls).config.upstream)
+
+
+def test_a_single_upstream_is_one_node() -> None:
+    config = load([URL]).config
+    assert config.upstream.nodes == (Upstream("amqp", "broker.example.com", 5672),)
+    assert (config.upstream_policy, config.upstream_node_connect_timeout) == ("spread", 2.0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["amqp://a", "amqp://a:5672"], "amqp://a:5672 is listed twice"),
+        (["amqp://a,http://b"], r"expected amqp://host\[:port\] or amqps://host\[:port\]"),
+        (["amqp://a,,amqp://b", "--upstream-policy", "random"], "expected spread or ordered"),
+        ([URL, "--upstream-node-connect-timeout", "0"], "a number of seconds > 0"),
+    ],
+)
+def test_bad_cluster_settings(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(argv)
+
+
+def test_a_yaml_list_of_other_values_is_refused(tmp_path: Path) -> None:
+    yml = write(tmp_path, "a.yml", "main:\n  upstream:\n    - amqp://a\n    - 5\n")
+    with pytest.raises(ConfigError, match="not a list of other values"):
+        load(["-c", yml])

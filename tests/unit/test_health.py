@@ -141,3 +141,13 @@ def test_upstream_down_is_reported_before_a_reload_error() -> None:
 
 def test_reload_error_does_not_hide_missing_workers() -> None:
     assert verdict(state(UP, DEAD, reload_error="bad config")) == (False, "1 of 2 workers up")
+
+
+def test_a_cluster_with_some_nodes_down_is_healthy_and_names_them() -> None:
+    down = state(UP, nodes_down=("amqp://b:5672 (Connection refused)",))
+    assert verdict(down) == (True, "OK; upstream nodes down: amqp://b:5672 (Connection refused)")
+    both = state(UP, nodes_down=("amqp://b:5672 (refused)",), reload_error="bad config")
+    assert verdict(both) == (
+        True,
+        "OK; upstream nodes down: amqp://b:5672 (refused); the last reload failed: bad config",
+    )

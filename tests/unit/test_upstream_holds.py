@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from amqproxy_mp.config import Upstream
 from amqproxy_mp.metrics import Stats
 from amqproxy_mp.proxy.login import Login, UpstreamSettings
+from amqproxy_mp.proxy.nodes import Nodes
 from amqproxy_mp.proxy.upstream import State, UpstreamConnection
 
 
@@ -35,8 +37,10 @@ class Client:
 
 def connection() -> UpstreamConnection:
     loop = asyncio.new_event_loop()
-    settings = UpstreamSettings("127.0.0.1", 5672, None, 1.0, 0)
-    return UpstreamConnection(loop, settings, Stats(), Login("u", "p"), None)
+    stats = Stats()
+    nodes = Nodes(Upstream("amqp", "127.0.0.1", 5672), "spread", 2.0, None, stats)
+    settings = UpstreamSettings(1.0, 0)
+    return UpstreamConnection(loop, settings, nodes.nodes[0], nodes, stats, Login("u", "p"), None)
 
 
 def test_held_clients_are_released_when_the_broker_reads_again() -> None:
