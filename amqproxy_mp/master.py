@@ -30,7 +30,7 @@ from amqproxy_mp import listeners as ls
 from amqproxy_mp.config import Config, ConfigError, load_config
 from amqproxy_mp.health import HealthState, SlotState, workers_verdict
 from amqproxy_mp.logs import reopen_log_file, setup_logging
-from amqproxy_mp.metrics import WorkerInfo, archive_dead_process
+from amqproxy_mp.metrics_master import WorkerInfo, archive_dead_process
 from amqproxy_mp.status import Status
 from amqproxy_mp.systemd import SystemdNotifier, watchdog_interval
 from amqproxy_mp.tls import check_tls_files

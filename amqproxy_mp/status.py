@@ -21,7 +21,12 @@ from amqproxy_mp import __version__
 from amqproxy_mp.config import Config
 from amqproxy_mp.health import HealthState, verdict
 from amqproxy_mp.http import Response, Route, start_http_server
-from amqproxy_mp.metrics import MasterMetrics, WorkerInfo, prepare_directory, read_pool_status
+from amqproxy_mp.metrics_master import (
+    MasterMetrics,
+    WorkerInfo,
+    prepare_directory,
+    read_pool_status,
+)
 
 log = logging.getLogger(__name__)
 

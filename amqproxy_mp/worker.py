@@ -23,7 +23,8 @@ from amqproxy_mp import __version__
 from amqproxy_mp.amqp import spec
 from amqproxy_mp.config import Config
 from amqproxy_mp.logs import reopen_log_file
-from amqproxy_mp.metrics import Disconnect, Gauges, Stats, WorkerMetrics, write_pool_status
+from amqproxy_mp.metrics import Disconnect, Gauges, Stats, WorkerMetrics
+from amqproxy_mp.metrics_master import write_pool_status
 from amqproxy_mp.proxy.client import ClientSession
 from amqproxy_mp.proxy.context import build_context
 from amqproxy_mp.proxy.nodes import NodeState

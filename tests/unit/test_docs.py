@@ -67,7 +67,8 @@ def test_operations_documents_every_signal(name: str) -> None:
 
 def exported_metric_names() -> set[str]:
     source = "\n".join(
-        (ROOT / "amqproxy_mp" / name).read_text() for name in ("metrics.py", "master.py")
+        (ROOT / "amqproxy_mp" / name).read_text()
+        for name in ("metrics.py", "metrics_master.py", "master.py")
     )
     return set(re.findall(r'"(amqproxy_[a-z_]+)"', source))
 

@@ -28,10 +28,12 @@ from amqproxy_mp.metrics import (
     CONNECT_BUCKETS,
     UPSTREAM_ERROR_REASONS,
     Gauges,
-    MasterMetrics,
     Stats,
-    WorkerInfo,
     WorkerMetrics,
+)
+from amqproxy_mp.metrics_master import (
+    MasterMetrics,
+    WorkerInfo,
     archive_dead_process,
     prepare_directory,
     read_pool_status,
