@@ -67,6 +67,8 @@ class UpstreamProbe:
         while True:
             timeout = self._config().upstream_connect_timeout
             nodes = self._config().upstream.nodes
+            current = {node.url for node in nodes}  # (a reload may have removed some)
+            self.errors = {url: e for url, e in self.errors.items() if url in current}
             results = await asyncio.gather(
                 *(self._check(node.host, node.port, timeout) for node in nodes)
             )

@@ -54,9 +54,10 @@ async def open_upstream(
     vhost = pool.vhost if pool is not None else None
     failures: list[tuple[Node, NodeFailed]] = []
     #: What a timeout's message names (the time left may be a little less).
-    nominal = settings.connect_timeout if len(nodes.urls) == 1 else nodes.node_timeout
+    nominal = nodes.node_timeout if nodes.several else settings.connect_timeout
     for node, timeout in attempts(nodes, settings.connect_timeout):
         conn: UpstreamConnection | None = None
+        node.attempting += 1
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
@@ -68,13 +69,16 @@ async def open_upstream(
                 )
                 await (conn.tuned if pool is None else conn.ready)
         except BaseException as exc:
-            shown = nominal if timeout > nominal - 0.05 else round(timeout, 1)
-            failure = _failure(shown, stats, exc, conn)
+            cut_short = timeout < nominal - 0.05  # the client's budget, not the node's time
+            failure = _failure(round(timeout, 1) if cut_short else nominal, stats, exc, conn)
             if not isinstance(failure, NodeFailed):
                 raise failure from None
-            nodes.failed(node, failure.reason)
+            if not (cut_short and failure.kind == "timeout"):
+                nodes.failed(node, failure.reason)
             failures.append((node, failure))
             continue
+        finally:
+            node.attempting -= 1
         conn.joined_node()
         if pool is not None:
             _opened(conn, started)
@@ -85,7 +89,7 @@ async def open_upstream(
 async def complete_upstream(conn: UpstreamConnection, pool: PoolSide) -> UpstreamConnection:
     """Open `pool`'s vhost on a connection whose login the broker accepted."""
     started = time.monotonic()
-    timeout = conn.settings.connect_timeout
+    timeout = min(conn.settings.connect_timeout, conn._nodes.node_timeout)
     try:
         async with asyncio.timeout(timeout):
             conn.open_vhost(pool)

@@ -51,15 +51,18 @@ class Node:
     #: Failures in a row, and when a down node may be tried again.
     failures: int = 0
     retry_at: float = 0.0
-    #: This worker's open connections to it.
+    #: This worker's open connections to it, and its attempts under way.
     connections: int = 0
+    attempting: int = 0
     probing: bool = field(default=False)
+    #: How logs, metrics and clients' error texts name it: its URL, with the address when
+    #: the URL's host resolved to several (see Nodes.resolve).
+    name: str = ""
+    #: Its address is no longer among its URL's: no new connections (kept while it has some).
+    outdated: bool = False
 
-    @property
-    def name(self) -> str:
-        """How logs, metrics and clients' error texts name it: its URL, and the address
-        when the URL's host is a name."""
-        return self.url.url if self.address == self.url.host else f"{self.url.url} ({self.address})"
+    def __post_init__(self) -> None:
+        self.name = self.name or self.url.url
 
     @property
     def server_hostname(self) -> str | None:
@@ -80,13 +83,24 @@ class Nodes:
     ) -> None:
         self.urls = upstream.nodes
         self.policy = policy
-        #: Seconds one attempt on one node may take (the whole budget with a single node).
-        self.node_timeout = node_timeout if len(self.urls) > 1 else float("inf")
+        self._node_timeout = node_timeout
         self._ssl_context = ssl_context
         self._stats = stats
         self.nodes: list[Node] = [self._node(url, url.host) for url in self.urls]
         self._resolved_at = 0.0
+        self._resolving = False
+        #: The last resolution error of each URL (logged when it changes).
+        self._resolve_errors: dict[Upstream, str] = {}
         self._probes: set[asyncio.Task[None]] = set()
+
+    @property
+    def node_timeout(self) -> float:
+        """Seconds one attempt on one node may take: the whole budget with a single node."""
+        return self._node_timeout if len(self.nodes) > 1 else float("inf")
+
+    @property
+    def several(self) -> bool:
+        return len(self.nodes) > 1
 
     def _node(self, url: Upstream, address: str) -> Node:
         return Node(url, address, self._ssl_context if url.tls else None)
@@ -95,11 +109,14 @@ class Nodes:
 
     def candidates(self) -> list[Node]:
         """The nodes a new connection should try, in order: the healthy ones (the policy
-        decides their order), or, when none is up, the down ones, soonest due first."""
-        up = [node for node in self.nodes if node.state is NodeState.UP]
-        if up:
-            return sorted(up, key=lambda n: n.connections) if self.policy == "spread" else up
-        return sorted(self.nodes, key=lambda n: n.retry_at)
+        decides their order), then the down ones, soonest due first (a client reaches those
+        only when every healthy node failed it, or none is up)."""
+        live = [node for node in self.nodes if not node.outdated]
+        up = [node for node in live if node.state is NodeState.UP]
+        if self.policy == "spread":
+            up.sort(key=lambda n: n.connections + n.attempting)
+        down = sorted((n for n in live if n.state is not NodeState.UP), key=lambda n: n.retry_at)
+        return up + down
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes)
@@ -111,19 +128,27 @@ class Nodes:
     # --- what happened to a node --------------------------------------------------------
 
     def succeeded(self, node: Node) -> None:
-        """A connection to the node completed its handshake."""
+        """A connection to the node completed its handshake: its back-off starts over."""
         node.failures = 0
         if node.state is not NodeState.UP:
             self._set_state(node, NodeState.UP, "a connection succeeded")
 
     def failed(self, node: Node, reason: str) -> None:
-        """A connection attempt to the node failed, or an established one ended unasked."""
-        node.failures += 1
-        node.retry_at = time.monotonic() + min(MAX_BACKOFF, 2.0 ** (node.failures - 1))
+        """A connection attempt to the node failed, or an established one ended unasked.
+        Only the first such news about an up node counts (twenty connections lost to one
+        restart are one failure); the back-off grows with each failed probe."""
+        if node.state is not NodeState.UP:
+            return
+        self._back_off(node)
         self._resolved_at = 0.0  # resolve names again at the next refresh
-        if node.state is NodeState.UP:
-            self._stats.failovers += 1
-            self._set_state(node, NodeState.DOWN, reason)
+        self._stats.failovers += 1
+        self._set_state(node, NodeState.DOWN, reason)
+
+    @staticmethod
+    def _back_off(node: Node) -> None:
+        node.failures += 1
+        exponent = min(node.failures - 1, 5)  # (2 ** 5 > MAX_BACKOFF)
+        node.retry_at = time.monotonic() + min(MAX_BACKOFF, 2.0**exponent)
 
     def _set_state(self, node: Node, state: NodeState, reason: str) -> None:
         was = node.state
@@ -144,7 +169,7 @@ class Nodes:
     def tick(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
         """Every worker tick: resolve names when due, probe the down nodes that are due
         (only while another node is up: else clients try them themselves)."""
-        if now - self._resolved_at >= RESOLVE_EVERY:
+        if now - self._resolved_at >= RESOLVE_EVERY and not self._resolving:
             self._resolved_at = now
             self._spawn(loop, self.resolve(loop))
         if not self.any_up:
@@ -160,26 +185,42 @@ class Nodes:
         task.add_done_callback(self._probes.discard)
 
     async def resolve(self, loop: asyncio.AbstractEventLoop) -> None:
-        """One node per address of each URL's host; nodes whose address went away are
-        dropped once they have no connections."""
-        wanted: list[tuple[Upstream, str]] = []
-        for url in self.urls:
-            try:
-                infos = await loop.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
-                addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-            except OSError as exc:
-                log.warning("cannot resolve upstream %s: %s", url.url, exc.strerror or exc)
-                addresses = []
-            wanted.extend((url, address) for address in addresses or [url.host])
-        current = {(node.url, node.address): node for node in self.nodes}
-        nodes = [current.get(key) or self._node(*key) for key in wanted]
-        for key, node in current.items():
-            if key not in wanted and node.connections:
-                nodes.append(node)  # keep it until its connections are gone
-        added = [node.name for node in nodes if node not in current.values()]
-        if added and current:
-            log.info("upstream nodes now: %s", ", ".join(node.name for node in nodes))
-        self.nodes = nodes
+        """One node per address of each URL's host, keeping what is known of each; a lookup
+        that fails keeps the URL's nodes as they are; a node whose address went away takes
+        no new connections and is dropped once it has none."""
+        self._resolving = True
+        try:
+            current = {(node.url, node.address): node for node in self.nodes}
+            nodes: list[Node] = []
+            for url in self.urls:
+                mine = [node for node in self.nodes if node.url == url]
+                try:
+                    infos = await loop.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
+                    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+                    self._resolve_errors.pop(url, None)
+                except OSError as exc:
+                    error = exc.strerror or str(exc)
+                    if self._resolve_errors.get(url) != error:
+                        log.warning("cannot resolve upstream %s: %s", url.url, error)
+                    self._resolve_errors[url] = error
+                    nodes.extend(mine)
+                    continue
+                for address in addresses:
+                    node = current.get((url, address)) or self._node(url, address)
+                    node.outdated = False
+                    nodes.append(node)
+                for node in mine:
+                    if node.address not in addresses and node.connections:
+                        node.outdated = True
+                        nodes.append(node)
+                for node in nodes:
+                    if node.url == url:
+                        node.name = f"{url.url} ({node.address})" if len(addresses) > 1 else url.url
+            if [n.name for n in nodes] != [n.name for n in self.nodes]:
+                log.info("upstream nodes now: %s", ", ".join(node.name for node in nodes))
+            self.nodes = nodes
+        finally:
+            self._resolving = False
 
     async def _probe(self, loop: asyncio.AbstractEventLoop, node: Node) -> None:
         """Is the down node accepting AMQP again? Its Connection.Start says so."""
@@ -197,10 +238,12 @@ class Nodes:
                     writer.close()
             if head[0] != 1 or int.from_bytes(head[7:11], "big") != spec.CONNECTION_START:
                 raise ConnectionError("no Connection.Start")
-            self.succeeded(node)
+            # up for new connections again; its back-off starts over only once one of them
+            # completes its handshake (a node that answers but cannot serve does not flap)
+            if node.state is not NodeState.UP:
+                self._set_state(node, NodeState.UP, "it answers again")
         except (OSError, TimeoutError, EOFError, ConnectionError, ssl.SSLError) as exc:
-            node.failures += 1
-            node.retry_at = time.monotonic() + min(MAX_BACKOFF, 2.0 ** (node.failures - 1))
+            self._back_off(node)
             log.debug("probe of upstream node %s failed: %s", node.name, exc)
         finally:
             node.probing = False

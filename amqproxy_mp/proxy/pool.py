@@ -134,7 +134,7 @@ class Pool:
                 try:
                     conn = await complete_upstream(tuned, self)
                 except UpstreamError as exc:
-                    if exc.code in CLIENTS_ANSWER or len(pools.nodes.urls) == 1:
+                    if exc.code in CLIENTS_ANSWER or not pools.nodes.several:
                         raise
                     # its node failed between the login and the vhost: another node
             if conn is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import ssl
 import time
 from typing import Final
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 #: Bytes queued towards the broker above which its publishing clients are paused.
 UPSTREAM_WRITE_BUFFER: Final = 4 * 1024 * 1024
+
+
+#: The texts of RabbitMQ's 320 when the node itself goes: a shutdown, a maintenance drain.
+_NODE_GOING: Final = re.compile(r"shutdown|maintenance", re.I)
 
 
 class State(enum.Enum):
@@ -90,7 +95,7 @@ class UpstreamConnection(FramedProtocol):
         if pool is not None:
             self.name = f"{node.name} (user={pool.user!r} vhost={pool.vhost!r})"
         #: What clients' error texts add so that they name the node, when there are several.
-        self.where = f" (node {node.name})" if len(nodes.urls) > 1 else ""
+        self.where = f" (node {node.name})" if nodes.several else ""
         #: Exclusive queues declared through this connection, and the client that owns each.
         self.exclusive = ExclusiveQueues(self, self._spare_link)
         #: Clients told that this connection is blocked (told again when it is unblocked,
@@ -332,7 +337,9 @@ class UpstreamConnection(FramedProtocol):
                 close.reply_text,
             )
             self._close_reason = f"closed by broker: {close.reply_code} {close.reply_text}"
-            if close.reply_code == spec.CONNECTION_FORCED:  # shutdown, maintenance drain
+            if close.reply_code == spec.CONNECTION_FORCED and _NODE_GOING.search(
+                close.reply_text
+            ):  # (not a connection closed by an operator, or a user deleted)
                 self._nodes.failed(self.node, self._close_reason)
             self.state = State.CLOSED
             self._leave_pool()

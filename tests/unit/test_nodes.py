@@ -35,20 +35,23 @@ def test_ordered_keeps_the_configured_order() -> None:
     assert names(n.candidates()) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 
 
-def test_a_failed_node_is_skipped_and_backs_off() -> None:
+def test_a_failed_node_goes_last_and_backs_off() -> None:
     n = nodes("ordered")
     first = n.nodes[0]
     n.failed(first, "unreachable")
     assert first.state is NodeState.DOWN
-    assert names(n.candidates()) == ["10.0.0.2", "10.0.0.3"]
+    assert names(n.candidates()) == ["10.0.0.2", "10.0.0.3", "10.0.0.1"]
     assert n._stats.failovers == 1
-    due = [first.retry_at - time.monotonic()]
-    for _ in range(8):
-        n.failed(first, "unreachable")
+    assert 0.9 < first.retry_at - time.monotonic() <= 1.0
+    for _ in range(20):  # more news of the same outage (its other connections): one failure
+        n.failed(first, "connection lost")
+    assert first.failures == 1 and n._stats.failovers == 1
+    due = []
+    for _ in range(2000):  # failed probes: 2, 4, 8 ... 30 s, and no overflow however many
+        n._back_off(first)
         due.append(first.retry_at - time.monotonic())
-    assert 0.9 < due[0] <= 1.0 and 1.9 < due[1] <= 2.0 and 3.9 < due[2] <= 4.0
-    assert max(due) <= MAX_BACKOFF
-    assert n._stats.failovers == 1  # one failover: it was up once
+    assert 1.9 < due[0] <= 2.0 and 3.9 < due[1] <= 4.0
+    assert 29.9 < due[-1] <= MAX_BACKOFF
     n.succeeded(first)
     assert first.state is NodeState.UP and first.failures == 0
     assert dict(n._stats.node_state_changes) == {"amqp://10.0.0.1:5672": 2}
@@ -63,6 +66,13 @@ def test_when_no_node_is_up_clients_try_the_down_ones_soonest_due_first() -> Non
     assert names(n.candidates()) == ["10.0.0.3", "10.0.0.1", "10.0.0.2"]
 
 
+def test_spread_counts_the_attempts_under_way() -> None:
+    n = nodes()
+    n.nodes[0].attempting = 2
+    n.nodes[1].connections = 1
+    assert names(n.candidates()) == ["10.0.0.3", "10.0.0.2", "10.0.0.1"]
+
+
 def test_each_node_gets_its_own_timeout_within_the_clients_budget() -> None:
     n = nodes()
     assert [t for _, t in attempts(n, 10.0)] == [2.0, 2.0, 2.0]
@@ -75,7 +85,10 @@ def test_a_name_with_several_addresses_is_one_node_each() -> None:
     asyncio.run(_resolve(n))
     assert {node.address for node in n.nodes} >= {"127.0.0.1"}
     assert all(node.url.host == "localhost" for node in n.nodes)
-    assert n.nodes[0].name.startswith("amqp://localhost:5672 (")
+    if len(n.nodes) > 1:  # one node per address, each named with it
+        assert n.nodes[0].name.startswith("amqp://localhost:5672 (")
+    else:  # one address: the URL's name, as with a single URL before
+        assert n.nodes[0].name == "amqp://localhost:5672"
 
 
 async def _resolve(n: Nodes) -> None:
