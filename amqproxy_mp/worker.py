@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -239,11 +240,12 @@ class Worker:
             return
         pools = list(self.ctx.pools)
         connections = [conn for pool in pools for conn in pool.connections]
-        per_node = {node.name: [node.state is NodeState.UP, 0, 0] for node in self.ctx.pools.nodes}
+        up = {node.name for node in self.ctx.pools.nodes if node.state is NodeState.UP}
+        node_connections: Counter[str] = Counter(conn.node.name for conn in connections)
+        node_channels: Counter[str] = Counter()
         for conn in connections:
-            counts = per_node.setdefault(conn.node.name, [False, 0, 0])
-            counts[1] += 1
-            counts[2] += len(conn.channels)
+            node_channels[conn.node.name] += len(conn.channels)
+        names = {node.name for node in self.ctx.pools.nodes} | set(node_connections)
         self._metrics.export(
             self.stats,
             Gauges(
@@ -251,7 +253,10 @@ class Worker:
                 upstream_connections=len(connections),
                 client_channels=sum(len(session.channels) for session in self.ctx.sessions),
                 upstream_channels=sum(len(conn.channels) for conn in connections),
-                nodes={name: (bool(up), int(n), int(c)) for name, (up, n, c) in per_node.items()},
+                nodes={
+                    name: (name in up, node_connections[name], node_channels[name])
+                    for name in names
+                },
             ),
         )
         write_pool_status(

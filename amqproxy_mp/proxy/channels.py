@@ -181,29 +181,34 @@ class ChannelLink(Generic[UpstreamT]):
         self.upstream.send(data)
 
     def send_request(
-        self, data: bytes, mid: int, kind: Request = Request.FORWARD, subject: str = ""
+        self,
+        data: bytes,
+        mid: int,
+        kind: Request = Request.FORWARD,
+        subject: str = "",
+        waiter: asyncio.Future[bool] | None = None,
     ) -> None:
         """Send a synchronous request (method `mid`) whose reply will come on this channel."""
-        self.requests.add(kind, self.publishes, mid, subject)
+        self.requests.add(kind, self.publishes, mid, subject, waiter)
         self.upstream.send(data)
 
     def open_upstream(self) -> None:
         data = frame(METHOD, self.upstream_number, spec.CHANNEL_OPEN_PAYLOAD)
         self.send_request(data, spec.CHANNEL_OPEN, Request.OPEN)
 
-    def sync(self) -> None:
+    def sync(
+        self, kind: Request = Request.MARKER, waiter: asyncio.Future[bool] | None = None
+    ) -> None:
         """Ask for a reply that shows the broker has processed all sent so far (a request
         with no effect: a passive declare of amq.direct)."""
         data = frame(METHOD, self.upstream_number, spec.MARKER_PAYLOAD)
-        self.send_request(data, spec.EXCHANGE_DECLARE, Request.MARKER)
+        self.send_request(data, spec.EXCHANGE_DECLARE, kind, waiter=waiter)
 
     def when_synced(self) -> asyncio.Future[bool]:
         """True once the broker has answered everything sent on the channel so far; False
         if the channel closes first."""
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        data = frame(METHOD, self.upstream_number, spec.MARKER_PAYLOAD)
-        self.requests.add(Request.SYNC, self.publishes, spec.EXCHANGE_DECLARE, "", waiter)
-        self.upstream.send(data)
+        self.sync(Request.SYNC, waiter)
         return waiter
 
     def publish(self) -> None:

@@ -89,7 +89,7 @@ async def open_upstream(
 async def complete_upstream(conn: UpstreamConnection, pool: PoolSide) -> UpstreamConnection:
     """Open `pool`'s vhost on a connection whose login the broker accepted."""
     started = time.monotonic()
-    timeout = min(conn.settings.connect_timeout, conn._nodes.node_timeout)
+    timeout = min(conn.settings.connect_timeout, conn.nodes.node_timeout)
     try:
         async with asyncio.timeout(timeout):
             conn.open_vhost(pool)
@@ -97,7 +97,7 @@ async def complete_upstream(conn: UpstreamConnection, pool: PoolSide) -> Upstrea
     except BaseException as exc:
         failure = _failure(timeout, conn.stats, exc, conn)
         if isinstance(failure, NodeFailed):
-            conn._nodes.failed(conn.node, failure.reason)
+            conn.nodes.failed(conn.node, failure.reason)
             failure = _no_node(conn.settings, pool.user, pool.vhost, [(conn.node, failure)])
         raise failure from None
     _opened(conn, started)

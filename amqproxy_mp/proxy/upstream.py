@@ -68,7 +68,7 @@ class UpstreamConnection(FramedProtocol):
         self.settings = settings
         #: The broker node it goes to, and what to tell when that node fails.
         self.node = node
-        self._nodes = nodes
+        self.nodes = nodes
         #: Counted in node.connections (from its OpenOk or Tune to its end).
         self._counted = False
         self.login = login
@@ -144,7 +144,7 @@ class UpstreamConnection(FramedProtocol):
                 self.name,
                 reason,
             )
-            self._nodes.failed(self.node, reason)
+            self.nodes.failed(self.node, reason)
             self._close_clients(
                 spec.CONNECTION_FORCED,
                 f"CONNECTION_FORCED - upstream connection lost{self.where}",
@@ -303,7 +303,7 @@ class UpstreamConnection(FramedProtocol):
         if not self._counted and not self.closed:
             self._counted = True
             self.node.connections += 1
-            self._nodes.succeeded(self.node)
+            self.nodes.succeeded(self.node)
 
     def _leave_pool(self) -> None:
         if self.pool is not None:
@@ -340,7 +340,7 @@ class UpstreamConnection(FramedProtocol):
             if close.reply_code == spec.CONNECTION_FORCED and _NODE_GOING.search(
                 close.reply_text
             ):  # (not a connection closed by an operator, or a user deleted)
-                self._nodes.failed(self.node, self._close_reason)
+                self.nodes.failed(self.node, self._close_reason)
             self.state = State.CLOSED
             self._leave_pool()
             self._close_clients(
@@ -405,7 +405,7 @@ class UpstreamConnection(FramedProtocol):
             self.name,
             self.heartbeat,
         )
-        self._nodes.failed(self.node, "missed heartbeats")
+        self.nodes.failed(self.node, "missed heartbeats")
         self._fail(
             spec.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream missed heartbeats{self.where}"
         )

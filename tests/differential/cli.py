@@ -42,6 +42,15 @@ def run_seeds(
     """(programs, steps, differing verdicts)."""
     found: list[Verdict] = []
     programs = steps = 0
+
+    def record(verdict: Verdict) -> None:
+        nonlocal programs, steps
+        programs += 1
+        steps += len(generate(verdict.program.seed).steps)  # (a difference is shrunk)
+        if verdict.difference is not None:
+            found.append(verdict)
+            print(verdict.text(), "\n" + "=" * 100, flush=True)
+
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         pending: set[concurrent.futures.Future[Verdict]] = set()
         for seed in seeds:
@@ -51,19 +60,9 @@ def run_seeds(
             if len(pending) >= threads * 2:
                 done, pending = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
                 for future in done:
-                    verdict = future.result()
-                    programs += 1
-                    steps += len(generate(verdict.program.seed).steps)
-                    if verdict.difference is not None:
-                        found.append(verdict)
-                        print(verdict.text(), "\n" + "=" * 100, flush=True)
+                    record(future.result())
         for future in concurrent.futures.as_completed(pending):
-            verdict = future.result()
-            programs += 1
-            steps += len(generate(verdict.program.seed).steps)
-            if verdict.difference is not None:
-                found.append(verdict)
-                print(verdict.text(), "\n" + "=" * 100, flush=True)
+            record(future.result())
     return programs, steps, found
 
 
