@@ -502,12 +502,14 @@ class ClientSession(ClientConnection):
                     pending += 1
         return pending
 
-    def _release_channels(self) -> None:
+    def _release_channels(self) -> list[asyncio.Future[bool]]:
+        deletes = []
         if self.pool is not None:
             links = self.channels.values()
             for upstream in self.pool.connections:
-                upstream.exclusive.client_gone(self, links)
+                deletes += upstream.exclusive.client_gone(self, links)
         for link in self.channels.values():
             if link.client is self:
                 link.client_left()
         self.channels.clear()
+        return deletes

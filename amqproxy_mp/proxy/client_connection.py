@@ -12,6 +12,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
 from amqproxy_mp.amqp import methods as m
@@ -97,8 +98,10 @@ class ClientConnection(FramedProtocol):
 
     # --- what the channels part (ClientSession) provides ----------------------------------
 
-    def _release_channels(self) -> None:
-        """Give every channel back (the client is gone, or is being closed)."""
+    def _release_channels(self) -> list[asyncio.Future[bool]]:
+        """Give every channel back (the client is gone, or is being closed); what it returns
+        is done once the broker has deleted the client's exclusive queues."""
+        return []
 
     def _close_channels(self) -> int:
         """The client's Connection.Close closes its channels: how many must wait for the
@@ -214,13 +217,33 @@ class ClientConnection(FramedProtocol):
         if self.phase is Phase.CLOSING or self.phase is Phase.CLOSED:
             return
         self._ending(kind, f"closed by proxy: {code} {text}")
-        self._release_channels()
-        self.send(m.close_frame(0, code, text, class_id, method_id))
+        deletes = self._release_channels()
         self.phase = Phase.CLOSING
         if self._parsing_paused:
             self.resume_parsing()
-        if close_ok_timeout is not None:
-            self.loop.call_later(close_ok_timeout, self._close_timed_out)
+
+        def tell_client() -> None:
+            self.send(m.close_frame(0, code, text, class_id, method_id))
+            if close_ok_timeout is not None:
+                self.loop.call_later(close_ok_timeout, self._close_timed_out)
+
+        self._once_deleted(deletes, tell_client)
+
+    def _once_deleted(self, deletes: list[asyncio.Future[bool]], then: Callable[[], None]) -> None:
+        """`then` (which ends the connection for the client) once the broker has deleted the
+        client's exclusive queues, as RabbitMQ does before it answers a Connection.Close or
+        as it sends its own: the client's next connection finds the names free."""
+        if not deletes:
+            then()
+            return
+
+        async def wait() -> None:
+            await asyncio.wait(deletes, timeout=CLOSE_OK_TIMEOUT)
+            then()
+
+        task = self.loop.create_task(wait())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _close_timed_out(self) -> None:
         if not self.closed:
@@ -339,10 +362,12 @@ class ClientConnection(FramedProtocol):
             self._connection_closed()
 
     def _connection_closed(self) -> None:
-        self._release_channels()
-        self.send(spec.CONNECTION_CLOSE_OK_FRAME)
-        self.phase = Phase.CLOSED
-        self.close_transport()
+        def answer() -> None:
+            self.send(spec.CONNECTION_CLOSE_OK_FRAME)
+            self.phase = Phase.CLOSED
+            self.close_transport()
+
+        self._once_deleted(self._release_channels(), answer)
 
     def _start_ok(self, arguments: list[Any], payload: memoryview) -> None:
         """Check the login now, as the broker does: a refusal answers StartOk."""

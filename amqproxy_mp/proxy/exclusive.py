@@ -5,11 +5,14 @@ that connection closes. Here that connection is shared and outlives the client, 
 keeps, per upstream connection, which client owns each exclusive queue declared through it:
 it refuses the queue to the other clients of that connection (405, as RabbitMQ would across
 connections), and deletes a client's queues when the client goes. A queue is the client's
-from its DeclareOk until its DeleteOk (or the client's departure).
+from its DeclareOk until its DeleteOk, which for a departing client's queues is the proxy's:
+until then the names stay locked, so that nobody declares a queue the delete then removes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -99,38 +102,51 @@ class ExclusiveQueues:
 
     def orphaned(self, queue: str) -> None:
         """Declared for a client that left before the DeclareOk: nobody else will delete it."""
-        self._delete({queue}, None)
+        self._delete({queue}, None, None)
 
-    def client_gone(self, client: ClientSide, links: Iterable[ChannelLink[Any]]) -> None:
+    def client_gone(
+        self, client: ClientSide, links: Iterable[ChannelLink[Any]]
+    ) -> list[asyncio.Future[bool]]:
         """Delete a departing client's queues: on one of its channels still open here, or on
         a channel opened for just that. The deletes are requests, so that channel is parked
-        (or closed) only once they are done."""
+        (or closed) only once they are done. What it returns is done when they are
+        answered: RabbitMQ ends a connection only after deleting its exclusive queues."""
         queues = self._by_client.pop(client, None)
         if not queues:
-            return
-        for queue in queues:
-            if self._owners.get(queue) is client:
-                del self._owners[queue]
+            return []
         mine = (
             x
             for x in links
             if x.client is client and x.upstream is self._upstream and x.up is Up.OPEN
             and x.client_open
         )  # fmt: skip
-        self._delete(queues, next(mine, None))
+        return self._delete(queues, next(mine, None), client)
 
-    def _delete(self, queues: set[str], link: ChannelLink[Any] | None) -> None:
+    def _delete(
+        self, queues: set[str], link: ChannelLink[Any] | None, owner: ClientSide | None
+    ) -> list[asyncio.Future[bool]]:
+        """The owner keeps each name (locked to others) until its delete is answered."""
         temporary = link is None
         if link is None:
             link = self._spare_link()
-            if link is None:
-                log.warning("no channel to delete exclusive queues %s", sorted(queues))
-                return
+            if link is None:  # the connection is closing: the broker deletes them itself
+                for queue in queues:
+                    self._freed(queue, owner)
+                return []
+        done = []
         for queue in sorted(queues):
             delete = m.encode_method(link.upstream_number, m.commands.Queue.Delete(queue=queue))
-            link.send_request(delete, spec.QUEUE_DELETE, Request.DROP)
+            answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            answered.add_done_callback(functools.partial(self._freed, queue, owner))
+            link.send_request(delete, spec.QUEUE_DELETE, Request.DROP, waiter=answered)
+            done.append(answered)
         if temporary:
             link.client_left()
+        return done
+
+    def _freed(self, queue: str, owner: ClientSide | None, _: object = None) -> None:
+        if owner is not None and self._owners.get(queue) is owner:
+            del self._owners[queue]
 
 
 def declare_request(

@@ -63,6 +63,21 @@ REGRESSIONS: dict[str, list[Step]] = {
         Call(1, 1, "queue.declare", ("q1", False, False, False, "none")),
         Call(2, 1, "queue.declare", ("q2", False, False, False, "none")),
     ],
+    # A client closed by a connection error (504, a method on a channel the broker had just
+    # closed) while it owned an exclusive queue; another client asked for the queue at once:
+    # 404 from RabbitMQ, which deletes the queue as it closes the connection; 405 through two
+    # workers, where the proxy told the client before its delete was done (seed 101912,
+    # 30-minute run; about one run in two).
+    "a client's exclusive queue is gone when its connection error arrives": [
+        Connect(1),
+        OpenChannel(1, 1),
+        Call(1, 1, "queue.declare", ("e1", False, True, False, "max-length")),
+        Connect(2),
+        OpenChannel(2, 1),
+        Publish(1, 1, "nx", "k", body="split"),
+        Call(1, 1, "sync"),
+        Call(2, 1, "basic.get", ("e1", True)),
+    ],
 }
 
 

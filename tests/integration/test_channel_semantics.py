@@ -453,3 +453,48 @@ def test_two_clients_declaring_one_exclusive_queue_at_once_share_it_safely(
         c.send(commands.Channel.Open(), 1)
         assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
     assert "Traceback" not in p.log_text()
+
+
+@pytest.mark.parametrize("ending", ["client-close", "proxy-close"])
+def test_a_clients_exclusive_queues_are_gone_when_its_connection_close_arrives(
+    proxy_factory: ProxyFactory, ending: str
+) -> None:
+    """RabbitMQ deletes a connection's exclusive queues before it answers its Connection.Close
+    and as it sends its own: whoever then asks for them (on any connection) finds them gone,
+    and a new connection may declare them again and keep them. Through the proxy, the
+    upstream connection outlives the client, so the proxy deletes them: the client must not
+    hear its connection has ended before they are gone. (It once answered first: the next
+    connection got 405, or its own new queue was deleted under it.)"""
+    outcomes = []
+    for target in targets(proxy_factory, "--workers", "1"):
+        base = f"itest-gone-{uuid.uuid4().hex[:8]}"
+        queues = [f"{base}-{i}" for i in range(30)]
+        seen = []
+        with raw(target) as a, raw(DirectTarget()) as observer:
+            observer.send(commands.Channel.Open(), 1)
+            observer.read_method()
+            a.send(commands.Channel.Open(), 1)
+            a.read_method()
+            for q in queues:
+                a.send(commands.Queue.Declare(queue=q, exclusive=True), 1)
+                a.read_method()
+            if ending == "client-close":
+                a.send(commands.Connection.Close(200, "bye", 0, 0))
+            else:  # a method on a channel that is not open: 504 closes the connection
+                a.send(commands.Basic.Qos(prefetch_count=1), 7)
+            seen.append(type(a.read_method()[1]).__name__)
+            observer.send(commands.Queue.Declare(queue=queues[-1], passive=True), 1)
+            _, reply = observer.read_method()
+            seen.append(f"{type(reply).__name__} {getattr(reply, 'reply_code', '')}".strip())
+        with raw(target) as b:  # the next connection declares the name again and keeps it
+            b.send(commands.Channel.Open(), 1)
+            b.read_method()
+            b.send(commands.Queue.Declare(queue=queues[-1], exclusive=True), 1)
+            seen.append(type(b.read_method()[1]).__name__)
+            time.sleep(0.3)
+            b.send(commands.Queue.Declare(queue=queues[-1], passive=True), 1)
+            seen.append(type(b.read_method()[1]).__name__)
+        outcomes.append(seen)
+    closing = "CloseOk" if ending == "client-close" else "Close"
+    assert outcomes[0] == [closing, "Close 404", "DeclareOk", "DeclareOk"]
+    assert outcomes[1] == outcomes[0]
