@@ -6,7 +6,8 @@ worker is forked, so a crashed worker's replacement inherits them. Each signal i
 the ``handle_<name>`` method of its name. A worker whose heartbeats stop for `worker_timeout`
 gets SIGABRT, which makes it write every thread's stack to the log before it dies, and SIGKILL
 if it is still there `ABORT_TIMEOUT` later. What the master reports (/healthz, /metrics,
-/pools) is `amqproxy_mp.status`'s, the /healthz verdict `amqproxy_mp.health`'s.
+/pools) is `amqproxy_mp.status`'s, the /healthz verdict `amqproxy_mp.health`'s; what a
+worker process is, and what the child does after the fork, `amqproxy_mp.worker_process`'s.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import faulthandler
 import logging
 import os
 import signal
-import socket
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import IO, Final
+from typing import Final
 
 from amqproxy_mp import __version__
 from amqproxy_mp import listeners as ls
@@ -34,6 +32,14 @@ from amqproxy_mp.metrics_master import WorkerInfo, archive_dead_process
 from amqproxy_mp.status import Status
 from amqproxy_mp.systemd import SystemdNotifier, watchdog_interval
 from amqproxy_mp.tls import check_tls_files
+from amqproxy_mp.worker_process import (
+    SIGNALS,
+    Slot,
+    WorkerProcess,
+    describe_exit,
+    set_title,
+    worker_main,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,51 +58,6 @@ ABORT_TIMEOUT: Final = 5.0
 
 #: Tells a worker to stop accepting and drain its clients because it is being replaced.
 RETIRE: Final = signal.SIGUSR2
-
-SIGNALS: Final = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD,
-)  # fmt: skip
-
-
-@dataclasses.dataclass(eq=False)
-class WorkerProcess:
-    slot: int
-    pid: int
-    beat_fd: int
-    started: float
-    last_beat: float
-    ready: bool = False
-    retiring: bool = False
-    #: Started by a reload and not yet accepting: the slot's old worker still serves, and if
-    #: this one dies or never gets ready, the reload fails, not the slot.
-    candidate: bool = False
-    #: Why the master killed it, if it did ("timeout"); otherwise the exit status tells.
-    kill_reason: str = ""
-    #: When it gets SIGKILL if it is still there after the SIGABRT for missed heartbeats.
-    kill_at: float = 0.0
-
-
-@dataclasses.dataclass(eq=False)
-class Slot:
-    number: int
-    sockets: list[socket.socket]
-    tls_sockets: list[socket.socket]
-    worker: WorkerProcess | None = None
-    #: Quick deaths in a row: drives the back-off and the crash-loop health state.
-    failures: int = 0
-    restart_at: float = 0.0
-    last_exit: str = ""
-    removed: bool = False
-
-
-def describe_exit(status: int) -> tuple[str, str]:
-    """(text for the log, reason label for the restart metric) of a wait status."""
-    if os.WIFSIGNALED(status):
-        name = signal.Signals(os.WTERMSIG(status)).name
-        return f"killed by {name}", "signal"
-    code = os.WEXITSTATUS(status)
-    return f"exited with code {code}", "exit" if code else "clean_exit"
 
 
 class Master:
@@ -143,7 +104,7 @@ class Master:
             return 1
         ls.check_tcp_migrate_req()
         self.status.open_metrics_dir()
-        _set_title(f"amqproxy: master [{ls.listen_text(self.config)} -> {self.config.upstream}]")
+        set_title(f"amqproxy: master [{ls.listen_text(self.config)} -> {self.config.upstream}]")
         loop = asyncio.new_event_loop()
         try:
             return loop.run_until_complete(self._main())
@@ -291,7 +252,9 @@ class Master:
             os.close(beat_read)
             code = 1
             try:
-                code = self._worker_main(slot, beat_write)
+                code = worker_main(
+                    self.config, slot, beat_write, self.workers.values(), self.status.metrics_dir
+                )
             finally:
                 os._exit(code)
         os.close(beat_write)
@@ -304,32 +267,6 @@ class Master:
         asyncio.get_running_loop().add_reader(beat_read, self._on_beat, worker)
         log.info("worker %d started (pid %d)", slot.number, pid)
         return worker
-
-    def _worker_main(self, slot: Slot, beat_fd: int) -> int:
-        """In the forked child: drop the master's loop, signals and sockets, then serve."""
-        try:
-            asyncio.events._set_running_loop(None)
-            signal.set_wakeup_fd(-1)
-            for signum in SIGNALS:
-                signal.signal(signum, signal.SIG_DFL)
-            ls.drop_inherited_sockets({sock.fileno() for sock in slot.sockets + slot.tls_sockets})
-            for worker in self.workers.values():
-                os.close(worker.beat_fd)
-            _enable_stack_dumps(self.config)
-            _set_title(f"amqproxy: worker {slot.number}")
-            from amqproxy_mp.worker import Worker
-
-            return Worker(
-                self.config,
-                sockets=slot.sockets,
-                tls_sockets=slot.tls_sockets,
-                slot=slot.number,
-                beat_fd=beat_fd,
-                metrics_dir=self.status.metrics_dir,
-            ).run()
-        except BaseException:
-            log.exception("worker %d failed", slot.number)
-            return 1
 
     def _on_beat(self, worker: WorkerProcess) -> None:
         try:
@@ -575,30 +512,6 @@ class Master:
             nodes_down=self.status.probe.down,
             reload_error=self.reload_error,
         )
-
-
-def _enable_stack_dumps(config: Config) -> None:
-    """In a worker: on SIGABRT (what the master sends a worker that misses its heartbeats),
-    and on a fatal signal such as SIGSEGV, Python writes every thread's stack to the log file,
-    or to stderr without one, before the signal ends the process as it would have anyway."""
-    target: IO[str] = sys.stderr
-    if config.log_file:
-        with contextlib.suppress(OSError):
-            # its own descriptor: the logging handler's is closed on SIGUSR1, and faulthandler
-            # would write to whatever file or socket then got that number
-            target = open(config.log_file, "a", encoding="utf-8")  # noqa: SIM115 - kept open
-    try:
-        faulthandler.enable(file=target, all_threads=True)
-    except (RuntimeError, ValueError, OSError) as exc:  # no usable stderr: serve anyway
-        log.warning("cannot enable stack dumps: %s", exc)
-
-
-def _set_title(title: str) -> None:
-    try:
-        import setproctitle
-    except ImportError:  # pragma: no cover - it is a dependency, but titles are cosmetic
-        return
-    setproctitle.setproctitle(title)
 
 
 def run(config: Config, argv: Sequence[str]) -> int:

@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .grammar import generate
 from .harness import RABBITMQ, Target, Verdict, check
-from .program import generate
 
 
 def proxies(workers: list[int], logdir: Path, started: list[object]) -> list[Target]:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .compare import Difference, first_difference, normalise, report
-from .program import Program, generate
+from .grammar import generate
+from .program import Program
 from .runner import Run, cleanup
 
 
