@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 Address = tuple[int, tuple[str, int] | tuple[str, int, int, int]]
 
 
-class ListenerError(Exception):
-    """The listen address cannot be resolved, or another process listens there already."""
+class ListenerError(OSError):
+    """The listen address cannot be resolved, or another process listens there already
+    (an OSError, as a failed bind is: callers handle both alike)."""
 
 
 def ports(config: Config) -> list[tuple[int, bool]]:

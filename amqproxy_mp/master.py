@@ -181,8 +181,7 @@ class Master:
             asyncio.get_running_loop().create_task(self._reload())
 
     def handle_ttin(self) -> None:
-        if not self.stopping:
-            self._add_slot(max(self.slots, default=0) + 1)
+        if not self.stopping and self._try_add_slot():
             log.info("received SIGTTIN: now %d workers", len(self._live_slots()))
 
     def handle_ttou(self) -> None:
@@ -223,6 +222,16 @@ class Master:
         self._open_slot_sockets(slot)
         self.slots[number] = slot
         self._spawn(slot)
+
+    def _try_add_slot(self) -> bool:
+        """One more worker slot, while running (its listening sockets may fail now)."""
+        number = max(self.slots, default=0) + 1
+        try:
+            self._add_slot(number)
+        except OSError as exc:
+            log.error("worker %d cannot listen: %s", number, exc.strerror or exc)
+            return False
+        return True
 
     def _open_slot_sockets(self, slot: Slot) -> None:
         config = self.config
@@ -462,7 +471,9 @@ class Master:
                 self._reload_failed(f"worker {slot.number} {failure} with the new configuration")
                 return
         while len(self._live_slots()) < new.worker_count and not self.stopping:
-            self._add_slot(max(self.slots, default=0) + 1)
+            if not self._try_add_slot():
+                self._reload_failed("cannot listen for a new worker (see the log)")
+                return
         self.reload_error = ""
         log.info("reload complete: %d workers", len(self._live_slots()))
 

@@ -28,6 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.broker import BROKER_HOST, BROKER_PORT, queue_counts
+from tests.support.hosts import name_in_hosts, remove_name
 from tests.support.pika_client import close_reason
 from tests.support.proxy import ProxyProcess
 from tests.support.raw_client import AMQP_HEADER, RawClient
@@ -354,6 +355,25 @@ def test_ttin_and_ttou_change_the_worker_count(proxy_factory: ProxyFactory) -> N
     conn.channel()
     conn.close()
     wait_for(lambda: http_get(p, "/healthz")[0] == 200, what="healthy with 2")
+
+
+def test_a_new_worker_that_cannot_listen_is_an_error_not_a_crash(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The listen address is a name that stops resolving while the proxy runs: SIGTTIN's new
+    worker cannot listen; the master says so and goes on serving. (The resolver's error
+    escaped the master's handling: an internal error with a traceback.)"""
+    with name_in_hosts("amqproxy-test-listen.internal", ["127.0.0.1"]) as name:
+        p = proxy_factory("--workers", "1", "--listen", name)
+        wait_for(lambda: len(workers_of(p)) == 1, what="1 worker")
+        remove_name()
+        p.signal(signal.SIGTTIN)
+        p.wait_log(r"worker 2 cannot listen: cannot resolve listen address")
+        conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", p.port))
+        conn.channel()
+        conn.close()
+        assert len(workers_of(p)) == 1
+        assert "Traceback" not in p.log_text()
 
 
 def test_term_drains_clients_and_master_exits_0(proxy_factory: ProxyFactory) -> None:
