@@ -88,8 +88,15 @@ class Proxy:
     """One amqproxy-mp master with its workers on free loopback ports."""
 
     def __init__(
-        self, workers: int, upstream_port: int, logdir: Path, options: tuple[str, ...] = ()
+        self,
+        workers: int,
+        upstream_port: int,
+        logdir: Path,
+        options: tuple[str, ...] = (),
+        upstream: str = "",
     ) -> None:
+        """`upstream`: the URL(s), when not the broker at 127.0.0.1:`upstream_port`."""
+        direct = f"amqp://127.0.0.1:{upstream_port}"
         self.workers = workers
         self.upstream_port = upstream_port
         self.port = free_port()
@@ -98,7 +105,7 @@ class Proxy:
         args = ["--listen", "127.0.0.1", "--port", str(self.port)]
         args += ["--http-port", str(self.http_port), "--workers", str(workers), *options]
         self.proc = _spawn(
-            [sys.executable, "-m", "amqproxy_mp", *args, f"amqp://127.0.0.1:{upstream_port}"],
+            [sys.executable, "-m", "amqproxy_mp", *args, upstream or direct],
             self.log,
             cwd=REPO,
             # Its own metrics directory (a temporary one it removes), never a shared one.
