@@ -277,6 +277,7 @@ class WorkerMetrics:
             multiprocess_mode="livesum",
         )
         self._node_changes = _LabelledDelta(self.node_state_changes, ())
+        self._nodes_exported: set[str] = set()
         self._errors = _LabelledDelta(self.upstream_errors, UPSTREAM_ERROR_REASONS)
         self._auth = _LabelledDelta(self.auth_failures, AUTH_FAILURE_CODES)
         self._disconnects = _LabelledDelta(self.client_disconnects, CLIENT_DISCONNECT_REASONS)
@@ -302,7 +303,11 @@ class WorkerMetrics:
         for node, seconds in stats.node_connect_seconds:
             self.node_connect_seconds.labels(node).observe(seconds)
         stats.node_connect_seconds.clear()
-        for node, (up, connections, channels) in gauges.nodes.items():
+        # A node that is gone (its address left its name's answer) reads 0 from now on: in
+        # multiprocess mode a label cannot be removed, only reset, until the worker is replaced.
+        gone = dict.fromkeys(self._nodes_exported - gauges.nodes.keys(), (False, 0, 0))
+        for node, (up, connections, channels) in (gauges.nodes | gone).items():
             self.node_up.labels(node).set(1 if up else 0)
             self.node_connections.labels(node).set(connections)
             self.node_channels.labels(node).set(channels)
+        self._nodes_exported = set(gauges.nodes)

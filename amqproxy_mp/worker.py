@@ -171,7 +171,7 @@ class Worker:
             for session in list(self.ctx.sessions):
                 session.abort()
             for conn in self.ctx.pools.connections():
-                conn.abort()
+                conn.drop(f"received {name}: closing all connections now")
         self._stopping.set()
 
     async def _tick(self) -> None:

@@ -78,6 +78,7 @@ class Config:
     config_file: str | None = None
     upstream_policy: str = "spread"
     upstream_node_connect_timeout: float = 2.0
+    upstream_rebalance: bool = True
 
     @property
     def worker_count(self) -> int:

@@ -244,6 +244,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SECONDS", yaml_types=_NUMBER,
     ),
     _opt(
+        "upstream_rebalance", _bool, "a boolean: true/false, yes/no, on/off, 1/0",
+        help="with several nodes, close an upstream connection that no client is using when "
+        "its node has more of this worker's connections than the policy would give it (after "
+        "a node failure, once the node is back), so that the next one opens where it belongs",
+        metavar="BOOL", yaml_types=(bool,),
+    ),
+    _opt(
         "listen_address", _host, "a host name or IP address",
         help="address the AMQP and HTTP listeners bind to", metavar="ADDRESS",
         flags=("-l", "--listen", "--listen-address"), env="LISTEN_ADDRESS",

@@ -45,17 +45,21 @@ async def open_upstream(
     stats: Stats,
     login: Login,
     pool: PoolSide | None,
+    budget: float | None = None,
 ) -> UpstreamConnection:
-    """Connect and run the handshake within the connect timeout, trying the nodes in turn,
-    or raise UpstreamError: through Connection.OpenOk for `pool`'s vhost, or, without a
-    pool, only until the broker has accepted the login (its Tune); `complete_upstream` then
-    opens a vhost on it."""
+    """Connect and run the handshake within the connect timeout (or what is left of it:
+    `budget`), trying the nodes in turn, or raise UpstreamError: through Connection.OpenOk
+    for `pool`'s vhost, or, without a pool, only until the broker has accepted the login
+    (its Tune); `complete_upstream` then opens a vhost on it."""
     started = time.monotonic()
     vhost = pool.vhost if pool is not None else None
     failures: list[tuple[Node, NodeFailed]] = []
     #: What a timeout's message names (the time left may be a little less).
     nominal = nodes.node_timeout if nodes.several else settings.connect_timeout
-    for node, timeout in attempts(nodes, settings.connect_timeout):
+    budget = settings.connect_timeout if budget is None else budget
+    await nodes.resolved(loop, budget)
+    budget -= time.monotonic() - started
+    for node, timeout in attempts(nodes, budget):
         conn: UpstreamConnection | None = None
         node.attempting += 1
         try:

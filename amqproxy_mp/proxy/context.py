@@ -126,6 +126,7 @@ def build_context(
             max_connections=config.max_upstream_connections,
             max_lifetime=config.upstream_max_lifetime,
             idle_timeout=config.idle_connection_timeout,
+            rebalance=config.upstream_rebalance,
         ),
         nodes,
     )

@@ -88,7 +88,9 @@ class Nodes:
         self._stats = stats
         self.nodes: list[Node] = [self._node(url, url.host) for url in self.urls]
         self._resolved_at = 0.0
-        self._resolving = False
+        self._resolution: asyncio.Task[None] | None = None
+        #: Names were looked up once (until then, a name is one node: its first address).
+        self._resolved_once = False
         #: The last resolution error of each URL (logged when it changes).
         self._resolve_errors: dict[Upstream, str] = {}
         self._probes: set[asyncio.Task[None]] = set()
@@ -117,6 +119,21 @@ class Nodes:
             up.sort(key=lambda n: n.connections + n.attempting)
         down = sorted((n for n in live if n.state is not NodeState.UP), key=lambda n: n.retry_at)
         return up + down
+
+    def misplaced(self, node: Node) -> bool:
+        """The node has more of this worker's connections than the policy would give it:
+        with spread, more than an even share of them over the healthy nodes; with ordered,
+        any while an earlier node is up; with either, any once its address is no longer
+        its name's."""
+        if node.outdated:
+            return node.connections > 0
+        up = [n for n in self.nodes if n.state is NodeState.UP and not n.outdated]
+        if node not in up:
+            return False  # (a down node's connections are gone or going)
+        if self.policy == "ordered":
+            return up[0] is not node and node.connections > 0
+        total = sum(n.connections + n.attempting for n in up)
+        return node.connections > -(-total // len(up))
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes)
@@ -169,9 +186,8 @@ class Nodes:
     def tick(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
         """Every worker tick: resolve names when due, probe the down nodes that are due
         (only while another node is up: else clients try them themselves)."""
-        if now - self._resolved_at >= RESOLVE_EVERY and not self._resolving:
-            self._resolved_at = now
-            self._spawn(loop, self.resolve(loop))
+        if now - self._resolved_at >= RESOLVE_EVERY:
+            self._start_resolving(loop)
         if not self.any_up:
             return
         for node in self.nodes:
@@ -179,16 +195,29 @@ class Nodes:
                 node.probing = True
                 self._spawn(loop, self._probe(loop, node))
 
-    def _spawn(self, loop: asyncio.AbstractEventLoop, step: object) -> None:
+    def _spawn(self, loop: asyncio.AbstractEventLoop, step: object) -> asyncio.Task[None]:
         task: asyncio.Task[None] = loop.create_task(step)  # type: ignore[arg-type]
         self._probes.add(task)
         task.add_done_callback(self._probes.discard)
+        return task
+
+    def _start_resolving(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
+        """A lookup of every name, unless one is under way already."""
+        if self._resolution is None or self._resolution.done():
+            self._resolved_at = time.monotonic()
+            self._resolution = self._spawn(loop, self.resolve(loop))
+        return self._resolution
+
+    async def resolved(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Before the first connection, the names looked up (within `timeout`): else every
+        connection made before the first tick would go to a name's first address."""
+        if not self._resolved_once:
+            await asyncio.wait({self._start_resolving(loop)}, timeout=timeout)
 
     async def resolve(self, loop: asyncio.AbstractEventLoop) -> None:
         """One node per address of each URL's host, keeping what is known of each; a lookup
         that fails keeps the URL's nodes as they are; a node whose address went away takes
         no new connections and is dropped once it has none."""
-        self._resolving = True
         try:
             current = {(node.url, node.address): node for node in self.nodes}
             nodes: list[Node] = []
@@ -220,7 +249,7 @@ class Nodes:
                 log.info("upstream nodes now: %s", ", ".join(node.name for node in nodes))
             self.nodes = nodes
         finally:
-            self._resolving = False
+            self._resolved_once = True
 
     async def _probe(self, loop: asyncio.AbstractEventLoop, node: Node) -> None:
         """Is the down node accepting AMQP again? Its Connection.Start says so."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from amqproxy_mp.amqp.spec import CONNECTION_FORCED, RESOURCE_ERROR
 from amqproxy_mp.metrics import Stats
-from amqproxy_mp.proxy.channels import ChannelLink
+from amqproxy_mp.proxy.channels import ChannelLink, Up
 from amqproxy_mp.proxy.connect import CLIENTS_ANSWER, complete_upstream, open_upstream
 from amqproxy_mp.proxy.login import Login, UpstreamError, UpstreamSettings
 from amqproxy_mp.proxy.nodes import Nodes
@@ -45,6 +45,8 @@ class PoolSettings:
     max_lifetime: float
     #: Seconds a parked channel, or an upstream connection without channels, is kept.
     idle_timeout: float
+    #: Close connections no client uses on nodes with more than their share (several nodes).
+    rebalance: bool = False
 
 
 class Pool:
@@ -128,17 +130,21 @@ class Pool:
 
     async def _open(self, tuned: UpstreamConnection | None) -> UpstreamConnection:
         pools = self.pools
+        budget = None
         try:
             conn = None
             if tuned is not None:
+                started = time.monotonic()
                 try:
                     conn = await complete_upstream(tuned, self)
                 except UpstreamError as exc:
                     if exc.code in CLIENTS_ANSWER or not pools.nodes.several:
                         raise
-                    # its node failed between the login and the vhost: another node
+                    # its node failed between the login and the vhost: another node, in
+                    # the time the client has left
+                    budget = pools.settings.upstream.connect_timeout - (time.monotonic() - started)
             if conn is None:
-                conn = await pools.connect(Login(self.user, self.password), self)
+                conn = await pools.connect(Login(self.user, self.password), self, budget)
             self.connections.append(conn)
             return conn
         finally:
@@ -175,7 +181,8 @@ class Pool:
 
     def close_idle(self, now: float) -> None:
         """Retire connections older than max_lifetime (no new channels; closed once empty),
-        and close connections without channels for idle_timeout, keeping one per pool."""
+        and close connections without channels or exclusive queues for idle_timeout, keeping
+        one per pool."""
         settings = self.pools.settings
         idle_timeout, max_lifetime = settings.idle_timeout, settings.max_lifetime
         for conn in self.connections:
@@ -184,9 +191,12 @@ class Pool:
         for link in list(self._parked):
             if not link.upstream.can_park or now - link.parked_since >= idle_timeout:
                 link.close_parked()
-        for conn in [c for c in self.connections if c.retired and not c.channels]:
+        # (a connection that holds a client's exclusive queues is that client's, channels
+        # or not: closing it would delete them)
+        unused = [c for c in self.connections if not c.channels and not c.exclusive.owners()]
+        for conn in [c for c in unused if c.retired]:
             conn.close(f"max lifetime of {max_lifetime:g} s reached")
-        idle = [c for c in self.connections if c.is_usable and not c.channels]
+        idle = [c for c in unused if c.is_usable]
         keep = 1 if len(idle) == len(self.connections) else 0
         for conn in idle[keep:]:
             if now - conn.idle_since >= idle_timeout:
@@ -246,10 +256,12 @@ class Pools:
         #: Logins being checked, by (user, password).
         self.logins: dict[tuple[str, str], PendingLogin] = {}
 
-    async def connect(self, login: Login, pool: Pool | None) -> UpstreamConnection:
+    async def connect(
+        self, login: Login, pool: Pool | None, budget: float | None = None
+    ) -> UpstreamConnection:
         """A new upstream connection, on the node the policy picks (see open_upstream)."""
         return await open_upstream(
-            self.loop, self.settings.upstream, self.nodes, self.stats, login, pool
+            self.loop, self.settings.upstream, self.nodes, self.stats, login, pool, budget
         )
 
     def verified(self, user: str, password: str) -> bool:
@@ -295,3 +307,19 @@ class Pools:
         now = time.monotonic()
         for pool in self:
             pool.close_idle(now)
+        if self.settings.rebalance and self.nodes.several:
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Close one connection that no client uses (only parked channels, no client's
+        exclusive queues) on a node the policy would not put it on now: the skew a node
+        failure leaves fades as clients come, one connection per tick and worker."""
+        for conn in self.connections():
+            if (
+                conn.is_usable
+                and not conn.exclusive.owners()
+                and all(link.up is Up.PARKED for link in conn.channels.values())
+                and self.nodes.misplaced(conn.node)
+            ):
+                conn.close(f"rebalancing: node {conn.node.name} has more than its share")
+                return

@@ -106,6 +106,8 @@ class UpstreamConnection(FramedProtocol):
         #: A disposable connection's one trial method (see `probe`).
         self._probe: asyncio.Future[tuple[int, str, bool] | None] | None = None
         self._handshake_step = spec.CONNECTION_START
+        #: The broker said it refuses a login with Connection.Close, not by dropping the socket.
+        self._refuses_with_close = False
         self._close_reason = ""
 
     # --- connection lifecycle -------------------------------------------------------------
@@ -129,9 +131,7 @@ class UpstreamConnection(FramedProtocol):
         was = self.state
         self.state = State.CLOSED
         self.closed = True
-        if self._counted:
-            self._counted = False
-            self.node.connections -= 1
+        self._uncount()
         if was is State.HANDSHAKE:
             self._handshake_failed(self._handshake_failure(exc))
             return
@@ -161,8 +161,9 @@ class UpstreamConnection(FramedProtocol):
     def _handshake_failure(self, exc: Exception | None) -> Exception:
         if isinstance(exc, ssl.SSLError):
             return exc
-        if self._handshake_step == spec.CONNECTION_TUNE:
-            # An old broker drops the socket instead of sending Close on bad credentials.
+        if self._handshake_step == spec.CONNECTION_TUNE and not self._refuses_with_close:
+            # A broker without authentication_failure_close drops the socket on bad
+            # credentials; one with it (RabbitMQ) has failed, not refused the login.
             return UpstreamError(spec.ACCESS_REFUSED, "ACCESS_REFUSED - login refused by upstream")
         detail = f": {exc}" if exc else ""
         return UpstreamError(
@@ -177,10 +178,23 @@ class UpstreamConnection(FramedProtocol):
             return
         self.state = State.CLOSING
         self._close_reason = reason
+        self._uncount()  # (a closing connection is not the node's any more: see rebalancing)
         self._leave_pool()
         self._channels_gone()
         self.send(m.encode_method(0, commands.Connection.Close(spec.REPLY_SUCCESS, reason, 0, 0)))
         self.loop.call_later(5.0, self.abort)
+
+    def drop(self, reason: str) -> None:
+        """Drop the socket now, on purpose (a quick stop): not the node's failure."""
+        if self.is_open:
+            self.state = State.CLOSING
+            self._close_reason = reason
+        self.abort()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.node.connections -= 1
 
     @property
     def is_open(self) -> bool:
@@ -273,6 +287,10 @@ class UpstreamConnection(FramedProtocol):
         if index != self._handshake_step:
             raise FrameError(spec.COMMAND_INVALID, f"COMMAND_INVALID - unexpected {method.name}")
         if isinstance(method, commands.Connection.Start):
+            capabilities = (method.server_properties or {}).get("capabilities")
+            self._refuses_with_close = isinstance(capabilities, dict) and bool(
+                capabilities.get("authentication_failure_close")
+            )
             self.send(self.login.start_ok())
             self._handshake_step = spec.CONNECTION_TUNE
         elif isinstance(method, commands.Connection.Tune):

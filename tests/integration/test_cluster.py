@@ -1,10 +1,13 @@
 """A RabbitMQ cluster behind one proxy, on a real 3-node cluster (tests/support/cluster.py):
-a node killed under load, a maintenance drain, every node down and back, spread pools."""
+a node killed under load, a maintenance drain, every node down and back, spread pools, the
+skew a drain left rebalanced, a rolling restart, a host name with one address per node."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -16,7 +19,13 @@ import pika
 import pika.exceptions
 import pytest
 
-from tests.support.cluster import BASE, Cluster, ClusterNode
+from tests.support.cluster import (
+    BASE,
+    SHARED_PORT,
+    Cluster,
+    ClusterNode,
+    shared_name_in_hosts,
+)
 from tests.support.proxy import ProxyProcess
 from tests.support.proxy_http import http_request, metric_sample
 from tests.support.targets import ProxyFactory
@@ -70,20 +79,32 @@ def connection_nodes(cluster: Cluster) -> dict[str, int]:
 
 
 def php_cycles(p: ProxyProcess, queue: str, seconds: float) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    """A php-amqp client doing the PHP cycle for `seconds`; its lines go to a file (a pipe
+    nobody reads until the end would fill up and stop it)."""
+    out = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read and closed by cycles_of
+    proc = subprocess.Popen(
         ["php", str(PHP), p.host, str(p.port), "guest", "guest", "/", queue, str(seconds)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=out,
+        stderr=subprocess.STDOUT,
         text=True,
     )
+    proc.output = out  # type: ignore[attr-defined]
+    return proc
 
 
 def cycles_of(processes: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
     found = []
     for proc in processes:
-        out, err = proc.communicate(timeout=120)
-        assert out.strip(), f"php printed nothing: {err}"
-        found.extend(json.loads(line) for line in out.splitlines())
+        proc.wait(timeout=120)
+        out = proc.output  # type: ignore[attr-defined]
+        out.seek(0)
+        lines = out.read().splitlines()
+        out.close()
+        assert lines, "php printed nothing"
+        try:
+            found.extend(json.loads(line) for line in lines)
+        except json.JSONDecodeError:
+            raise AssertionError("\n".join(lines[-20:])) from None
     return sorted(found, key=lambda c: c["t"])
 
 
@@ -234,20 +255,44 @@ def test_every_node_down_is_refused_clearly_and_service_resumes_when_one_returns
         node.restart()
 
 
-def test_spread_puts_pools_evenly_on_the_nodes_and_so_the_quorum_leaders(
-    cluster: Cluster, proxy_factory: ProxyFactory
-) -> None:
-    users = [f"itest-spread-{i}" for i in range(30)]
+@contextlib.contextmanager
+def users(cluster: Cluster, prefix: str, count: int) -> Iterator[list[str]]:
+    """`count` users (password = name) with every permission on /, deleted after."""
+    names = [f"{prefix}-{i}" for i in range(count)]
     definitions = {
-        "users": [{"name": u, "password": u, "tags": ""} for u in users],
+        "users": [{"name": u, "password": u, "tags": ""} for u in names],
         "permissions": [
-            {"user": u, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"} for u in users
+            {"user": u, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"} for u in names
         ],
     }
     path = BASE / "users.json"  # (the CLI runs as the rabbitmq user: not under /tmp/pytest-*)
     path.write_text(json.dumps(definitions))
     path.chmod(0o644)
     cluster.nodes[0].ctl("import_definitions", str(path))
+    try:
+        yield names
+    finally:
+        for user in names:
+            cluster.running()[0].ctl("delete_user", user, check=False)
+
+
+def upgrade(node: ClusterNode, command: str) -> None:
+    """rabbitmq-upgrade drain (maintenance mode: its connections closed, listeners
+    suspended) or revive."""
+    subprocess.run(["rabbitmq-upgrade", "-n", node.name, command], check=True, timeout=60,
+                   capture_output=True)  # fmt: skip
+
+
+def test_spread_puts_pools_evenly_on_the_nodes_and_so_the_quorum_leaders(
+    cluster: Cluster, proxy_factory: ProxyFactory
+) -> None:
+    with users(cluster, "itest-spread", 30) as names:
+        spread_pools_and_leaders(cluster, proxy_factory, names)
+
+
+def spread_pools_and_leaders(
+    cluster: Cluster, proxy_factory: ProxyFactory, users: list[str]
+) -> None:
     p = proxy_for(proxy_factory, cluster)
     queues = [f"itest-spread-{uuid.uuid4().hex[:6]}-{i}" for i in range(30)]
     held = []
@@ -271,5 +316,120 @@ def test_spread_puts_pools_evenly_on_the_nodes_and_so_the_quorum_leaders(
     for c, queue in zip(held, queues, strict=True):
         c.channel().queue_delete(queue)
         c.close()
-    for user in users:
-        cluster.nodes[0].ctl("delete_user", user)
+
+
+def test_a_node_back_from_maintenance_gets_its_share_from_connections_nobody_uses(
+    cluster: Cluster, proxy_factory: ProxyFactory
+) -> None:
+    """6 pools spread 2/2/2; node 3 drained: its 2 pools reconnect to nodes 1 and 2 (3/3/0).
+    Once it is revived, the proxy closes one unused connection on each of nodes 1 and 2
+    (upstream_rebalance), and those pools' next clients open theirs on node 3: 2/2/2."""
+    third = cluster.nodes[2]
+    with users(cluster, "itest-rebalance", 6) as names:
+        p = proxy_for(proxy_factory, cluster, "--idle-connection-timeout", "600")
+
+        def every_user_once() -> None:  # (the PHP pattern: connect, channel, leave)
+            for user in names:
+                c = p.connect(user, user)
+                c.channel().queue_declare("", exclusive=True)
+                c.close()
+
+        every_user_once()
+        assert sorted(connection_nodes(cluster).values()) == [2, 2, 2]
+        upgrade(third, "drain")
+        p.wait_log(rf"upstream node {third.url} is down", timeout=20)
+        every_user_once()
+        counts = connection_nodes(cluster)
+        assert counts.get(third.name, 0) == 0 and sum(counts.values()) == 6, counts
+        upgrade(third, "revive")
+        p.wait_log(rf"upstream node {third.url} is up again", timeout=40)
+        wait_for(lambda: p.log_text().count("rebalancing: node") >= 2, what="2 rebalanced")
+        every_user_once()
+        assert sorted(connection_nodes(cluster).values()) == [2, 2, 2]
+        time.sleep(2)  # balanced: nothing more is closed
+        assert p.log_text().count("rebalancing: node") == 2
+
+
+def test_a_rolling_restart_under_load_fails_only_what_was_in_flight(
+    cluster: Cluster, proxy_factory: ProxyFactory
+) -> None:
+    """Each node stopped and started again in turn, under the PHP pattern and a confirming
+    publisher: /healthz stays 200, a cycle fails only when it was under way on a node as it
+    stopped, and no confirmed message is lost."""
+    p = proxy_for(proxy_factory, cluster)
+    queue = f"itest-rolling-{uuid.uuid4().hex[:8]}"
+    setup = direct(cluster.nodes[0])
+    setup.channel().queue_declare(queue, durable=True, arguments=QUORUM)
+    setup.close()
+    statuses: list[int] = []
+    watching = threading.Event()
+
+    def watch_health() -> None:
+        while not watching.is_set():
+            statuses.append(http_request(p.http_port, "/healthz")[0])
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch_health, daemon=True)
+    watcher.start()
+    publisher = ConfirmingPublisher(p, queue)
+    publisher.start()
+    php = [php_cycles(p, queue, 75) for _ in range(4)]
+    time.sleep(2)
+    stops: list[tuple[float, float]] = []
+    for node in cluster.nodes:
+        began = time.time()
+        node.stop()
+        stops.append((began, time.time()))
+        node.restart()
+        time.sleep(1)
+    assert time.time() - stops[0][0] < 70, "the restarts outlasted the PHP clients"
+    cycles = cycles_of(php)
+    publisher.stopping.set()
+    publisher.join(timeout=30)
+    watching.set()
+    watcher.join(timeout=5)
+
+    assert len(cycles) > 100, len(cycles)
+    failed = [c for c in cycles if not c["ok"]]
+    assert len(failed) <= 4 * len(cluster.nodes), failed
+    for c in failed:  # under way on the node as it stopped
+        assert any(began - 1 <= c["t"] <= ended + 1 for began, ended in stops), (c, stops)
+    assert statuses and set(statuses) == {200}, statuses
+    assert set(publisher.confirmed) <= queue_bodies(cluster.nodes[0], queue)
+    direct(cluster.nodes[0]).channel().queue_delete(queue)
+
+
+def test_a_host_name_with_several_addresses_is_one_node_per_address(
+    cluster: Cluster, proxy_factory: ProxyFactory
+) -> None:
+    """One URL whose host name resolves to the three nodes' addresses: pools spread over all
+    three, and each is named in /pools and the metrics by its address."""
+    with shared_name_in_hosts(cluster.nodes) as name, users(cluster, "itest-named", 6) as names:
+        p = proxy_factory(
+            "--upstream-node-connect-timeout", "1",
+            upstream=f"amqp://{name}:{SHARED_PORT}", direct_ok=False,
+        )  # fmt: skip
+        assert isinstance(p, ProxyProcess)
+        held = []
+        for user in names:
+            c = p.connect(user, user)
+            c.channel()
+            held.append(c)
+        assert sorted(connection_nodes(cluster).values()) == [2, 2, 2]
+        url = f"amqp://{name}:{SHARED_PORT}"
+        labels = {f"{url} ({node.shared_address})" for node in cluster.nodes}
+
+        def pools_nodes() -> list[str]:  # (workers report every second)
+            pools = json.loads(http_request(p.http_port, "/pools")[1])
+            return sorted(node for entry in pools for node in entry["nodes"])
+
+        wait_for(lambda: len(pools_nodes()) == 6, what="/pools lists the 6 connections")
+        assert set(pools_nodes()) == labels, pools_nodes()
+        for label in labels:
+            assert metric_sample(p.http_port, "amqproxy_upstream_node_up", node=label) == 1
+            connections = metric_sample(
+                p.http_port, "amqproxy_upstream_node_connections", node=label
+            )
+            assert connections == 2, (label, connections)
+        for c in held:
+            c.close()

@@ -112,3 +112,32 @@ def test_a_client_whose_exclusive_queue_went_with_an_upstream_connection_is_told
             answers.append(None if close is None else (close.reply_code, close.reply_text))
     assert answers[0] == (320, "CONNECTION_FORCED - itest node maintenance")
     assert answers[1] == answers[0]
+
+
+def test_an_idle_upstream_connection_holding_a_clients_exclusive_queue_is_kept(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """A client that closed its channels keeps its exclusive queue while it stays connected,
+    as directly. The upstream connection that holds it has no channels then, and must not
+    be closed as idle: that would delete the queue and close the client. (It was.)"""
+    p = proxy_factory(
+        "-t", "60", "--idle-connection-timeout", "1", "--max-upstream-channels", "1",
+        direct_ok=False,
+    )  # fmt: skip
+    with RawClient(p.host, p.port) as other, RawClient(p.host, p.port) as c:
+        for client in (other, c):
+            assert "open_ok" in client.handshake()
+        other.send(commands.Channel.Open(), 1)  # c then gets a second upstream connection
+        other.read_method()
+        c.send(commands.Channel.Open(), 1)
+        c.read_method()
+        c.send(commands.Queue.Declare(queue="", exclusive=True), 1)
+        _, ok = c.read_method()
+        c.send(commands.Channel.Close(200, "done with it", 0, 0), 1)
+        c.read_method()
+        time.sleep(3)  # three idle timeouts
+        c.send(commands.Channel.Open(), 1)
+        c.read_method()
+        c.send(commands.Queue.Declare(queue=ok.queue, passive=True), 1)
+        _, reply = c.read_method()
+        assert isinstance(reply, commands.Queue.DeclareOk), reply

@@ -103,3 +103,20 @@ def test_term_timeout_force_closes_unresponsive_client(proxy_factory: ProxyFacto
         with pytest.raises(RawClosed):
             while True:
                 c.read_frame()
+
+
+def test_a_quick_stop_closes_upstream_connections_without_blaming_the_broker(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """SIGINT drops every connection at once: the upstream ones end because the proxy ends
+    them, which the log must not report as the node's failure (a node "down", a connection
+    "lost" or "closed by broker"): an operator reads those as a broker outage."""
+    p: ProxyProcess = proxy_factory(direct_ok=False)
+    conn = p.connect()
+    conn.channel()
+    p.signal(signal.SIGINT)
+    p.wait(10)
+    text = p.log_text()
+    assert "closing all connections now" in text
+    for blame in ("is down", "connection closed by broker", "connection lost"):
+        assert blame not in text, text[-3000:]

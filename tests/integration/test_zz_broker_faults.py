@@ -172,11 +172,14 @@ def assert_outage_reported(p: ProxyProcess) -> None:
 
 
 class TcpRelay:
-    """Forwards a loopback port to RabbitMQ: the broker "appears" on that port."""
+    """Forwards a loopback port to RabbitMQ: the broker "appears" on that port. With
+    `dies_at_start_ok`, each connection ends when the client's Connection.StartOk comes (what
+    follows its protocol header): a node that dies during the handshake."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, dies_at_start_ok: bool = False) -> None:
         self.sock = socket.create_server(("127.0.0.1", port))
         self.socks: list[socket.socket] = []
+        self.dies_at_start_ok = dies_at_start_ok
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -188,10 +191,15 @@ class TcpRelay:
                 for a, b in ((client, upstream), (upstream, client)):
                     threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        chunks = 0
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
+                chunks += 1
+                if self.dies_at_start_ok and chunks == 2 and src in self.socks[::2]:
+                    for s in (src, dst):
+                        s.close()
+                    return
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
@@ -225,6 +233,32 @@ def test_broker_unreachable_at_start_then_appearing(proxy_factory: ProxyFactory)
         p.wait_log(rf"upstream {upstream} reachable again")
     finally:
         p.close_clients()
+        relay.close()
+
+
+def test_a_node_that_dies_during_the_handshake_is_failed_over_not_taken_for_a_refusal(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """RabbitMQ announces authentication_failure_close: it refuses a login with Connection.Close
+    403, never by dropping the socket. A connection that ends after the StartOk is then the
+    node's failure: the client is served by the next node. (The proxy took it for a refused
+    login, and the client got 403.)"""
+    port = free_port()
+    relay = TcpRelay(port, dies_at_start_ok=True)
+    dying = f"amqp://127.0.0.1:{port}"
+    try:
+        p = proxy_factory(
+            "--upstream-policy", "ordered", "-t", "60",
+            upstream=f"{dying},amqp://{BROKER_HOST}:{BROKER_PORT}", direct_ok=False,
+        )  # fmt: skip
+        assert isinstance(p, ProxyProcess)
+        conn = p.connect()
+        conn.channel().queue_declare("", exclusive=True)
+        conn.close()
+        p.wait_log(
+            rf"upstream node {dying} is down: closed the connection: .* during the handshake"
+        )
+    finally:
         relay.close()
 
 

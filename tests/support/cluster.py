@@ -18,10 +18,16 @@ from pathlib import Path
 
 import pika
 
+from tests.support.hosts import name_in_hosts
 from tests.support.util import wait_for
 
 BASE = Path("/tmp/amqproxy-test-cluster")
 FIRST_PORT = 5691
+#: Each node also listens on this port on an address of its own (127.0.0.11, .12, .13), so
+#: that one host name with those three addresses names the whole cluster (see SHARED_NAME).
+SHARED_PORT = 5690
+#: The host name the tests map to those addresses in /etc/hosts (`shared_name_in_hosts`).
+SHARED_NAME = "amqproxy-test-cluster.internal"
 
 
 @dataclass
@@ -39,6 +45,10 @@ class ClusterNode:
     @property
     def url(self) -> str:
         return f"amqp://127.0.0.1:{self.port}"
+
+    @property
+    def shared_address(self) -> str:
+        return f"127.0.0.{10 + self.index}"
 
     @property
     def directory(self) -> Path:
@@ -79,6 +89,7 @@ class ClusterNode:
             (d / sub).mkdir(parents=True)
         (d / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            f"listeners.tcp.shared = {self.shared_address}:{SHARED_PORT}\n"
             "loopback_users = none\n"
             "log.console = false\n"
             "vm_memory_high_watermark.absolute = 1GB\n"
@@ -133,6 +144,11 @@ class ClusterNode:
         """A graceful stop (what it does not finish in 20 s, Cluster.stop kills)."""
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.ctl("stop", check=False, timeout=20)
+
+
+def shared_name_in_hosts(nodes: list[ClusterNode]) -> contextlib.AbstractContextManager[str]:
+    """SHARED_NAME resolves to each node's own address while this lasts."""
+    return name_in_hosts(SHARED_NAME, [node.shared_address for node in nodes])
 
 
 def _alive(pid: int) -> bool:

@@ -297,6 +297,36 @@ def test_replaced_stats_count_as_new_and_gauges_are_set(directory: str) -> None:
     assert get(samples, "amqproxy_client_connections") == 2
 
 
+def export_a_node_that_goes(directory: str) -> None:
+    metrics = WorkerMetrics(directory, 1)
+    stats = Stats()
+    here = {"amqp://svc:5672 (10.0.0.1)": (True, 2, 5), "amqp://svc:5672 (10.0.0.2)": (True, 1, 1)}
+    metrics.export(stats, Gauges(nodes=here))
+    del here["amqp://svc:5672 (10.0.0.2)"]  # its address left the name's answer
+    metrics.export(stats, Gauges(nodes=here))
+
+
+def test_a_node_that_is_gone_reads_zero_not_its_last_values(directory: str) -> None:
+    process = FORK.Process(target=export_a_node_that_goes, args=(directory,))
+    process.start()
+    process.join(30)
+    assert process.exitcode == 0
+    samples = scrape(directory)
+    for node, expected in [
+        ("amqp://svc:5672 (10.0.0.1)", (1, 2, 5)),
+        ("amqp://svc:5672 (10.0.0.2)", (0, 0, 0)),
+    ]:
+        got = tuple(
+            get(samples, name, node=node)
+            for name in (
+                "amqproxy_upstream_node_up",
+                "amqproxy_upstream_node_connections",
+                "amqproxy_upstream_node_channels",
+            )
+        )
+        assert got == expected, (node, got)
+
+
 def test_archive_touches_only_that_pid(directory: str) -> None:
     with live_worker(directory, 1, 1) as pid:
         files = set(os.listdir(directory))

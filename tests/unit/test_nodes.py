@@ -35,6 +35,34 @@ def test_ordered_keeps_the_configured_order() -> None:
     assert names(n.candidates()) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 
 
+def test_spread_finds_a_node_with_more_than_an_even_share_misplaced() -> None:
+    n = nodes()
+    a, b, c = n.nodes
+    for counts, expected in [
+        ((3, 3, 0), [True, True, False]),  # a failed node is back: 6 over 3 is 2 each
+        ((2, 3, 0), [False, True, False]),
+        ((2, 2, 0), [False, False, False]),  # 4 over 3: at most 2; the next opens on c
+        ((1, 0, 0), [False, False, False]),
+        ((3, 0, 0), [True, False, False]),
+    ]:
+        a.connections, b.connections, c.connections = counts
+        assert [n.misplaced(x) for x in (a, b, c)] == expected, counts
+    a.connections, b.connections, c.connections = 3, 3, 0
+    n.failed(c, "gone again")
+    assert not n.misplaced(a) and not n.misplaced(b)  # 6 over 2 up nodes is 3 each
+    a.outdated = True  # its address went from the name's
+    assert n.misplaced(a)
+
+
+def test_ordered_finds_every_connection_off_the_first_healthy_node_misplaced() -> None:
+    n = nodes("ordered")
+    a, b, c = n.nodes
+    a.connections, b.connections, c.connections = 1, 2, 0
+    assert [n.misplaced(x) for x in (a, b, c)] == [False, True, False]
+    n.failed(a, "gone")
+    assert not n.misplaced(b)  # the first healthy one now
+
+
 def test_a_failed_node_goes_last_and_backs_off() -> None:
     n = nodes("ordered")
     first = n.nodes[0]
@@ -93,3 +121,21 @@ def test_a_name_with_several_addresses_is_one_node_each() -> None:
 
 async def _resolve(n: Nodes) -> None:
     await n.resolve(asyncio.get_running_loop())
+
+
+def test_the_first_connection_waits_for_the_names_to_be_looked_up() -> None:
+    """Before the first tick a name is one node, its own name as the address: connections
+    made then all went to its first address. (The proxy's first clients all landed on one
+    node of a name with three addresses.)"""
+    n = Nodes(Upstream("amqp", "localhost", 5672), "spread", 2.0, None, Stats())
+    assert [node.address for node in n.nodes] == ["localhost"]
+
+    async def first_connection() -> None:
+        loop = asyncio.get_running_loop()
+        await n.resolved(loop, 5.0)
+        assert "localhost" not in {node.address for node in n.nodes}
+        resolving = n._resolution
+        await n.resolved(loop, 5.0)  # once is enough
+        assert n._resolution is resolving
+
+    asyncio.run(first_connection())

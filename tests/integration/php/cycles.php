@@ -3,7 +3,8 @@
 // again and again with php-amqp.
 // usage: php cycles.php HOST PORT USER PASSWORD VHOST ROUTING_KEY SECONDS
 // Prints one JSON line per cycle: {"t": start (unix s), "connect_ms": ..., "ok": bool,
-// "error": "..."}; a failed cycle is followed by the next one at once.
+// "ms": the whole cycle (when ok), "error": "..." (when not)}; a failed cycle is followed by
+// the next one at once.
 require __DIR__ . '/connection.php';
 
 [, , , , , , $routingKey, $seconds] = $argv;
@@ -21,7 +22,8 @@ while (microtime(true) < $end) {
         $exchange->setName('');
         $exchange->publish(sprintf('cycle-%d-%06d', getmypid(), $i), $routingKey);
         $conn->disconnect();
-        echo json_encode(['t' => $start, 'connect_ms' => $connectMs, 'ok' => true]), "\n";
+        echo json_encode(['t' => $start, 'connect_ms' => $connectMs, 'ok' => true,
+            'ms' => (microtime(true) - $start) * 1000]), "\n";
     } catch (Throwable $e) {
         echo json_encode(['t' => $start, 'connect_ms' => $connectMs, 'ok' => false,
             'error' => get_class($e) . ': ' . $e->getMessage()]), "\n";
