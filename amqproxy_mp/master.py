@@ -472,7 +472,12 @@ class Master:
                 return
         while len(self._live_slots()) < new.worker_count and not self.stopping:
             if not self._try_add_slot():
-                self._reload_failed("cannot listen for a new worker (see the log)")
+                # (the new configuration runs, with fewer workers than it asks for)
+                self.reload_error = (
+                    f"reloaded with {len(self._live_slots())} of {new.worker_count} workers: "
+                    f"a new worker cannot listen (see the log)"
+                )
+                log.error("%s", self.reload_error)
                 return
         self.reload_error = ""
         log.info("reload complete: %d workers", len(self._live_slots()))

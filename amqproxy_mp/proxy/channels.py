@@ -37,6 +37,7 @@ from amqproxy_mp.proxy.publishing import HEADER_EXPECTED, NO_CONTENT, IncomingMe
 from amqproxy_mp.proxy.requests import (
     CLIENT_REPLIES,
     CONSUMES,
+    EXCLUSIVE_DECLARES,
     SERVER_NAMED,
     PendingRequests,
     Request,
@@ -495,6 +496,9 @@ class ChannelLink(Generic[UpstreamT]):
             payload = memoryview(
                 m.close_frame(1, close.reply_code or 0, close.reply_text, 60, 40)[7:-1]
             )
+        if self.client is None:  # declares of a departed client that will not be answered
+            for queue in self.requests.subjects(EXCLUSIVE_DECLARES):
+                self.upstream.exclusive.orphan_failed(queue)
         self.requests.clear()
         self.error_due = None  # the broker's error came first: the client gets that one
         released = self.upstream_open

@@ -255,6 +255,10 @@ class ClientSession(ClientConnection):
                 types = self.ctx.queue_types
                 types.declared(self.vhost, str(arguments[1]), payload, arguments[7])
             kind = exclusive.declare_request(link.upstream.exclusive, self, payload, arguments)
+            if kind is not Request.FORWARD:  # (the name, locked if the client leaves first)
+                link.not_reusable()
+                self._send_method(link, mid, payload, arguments, kind, str(arguments[1]))
+                return
         elif mid == spec.QUEUE_DELETE:
             queue = str(arguments[1])
             if not (arguments[2] or arguments[3]):
@@ -426,7 +430,7 @@ class ClientSession(ClientConnection):
                 f"CHANNEL_ERROR - channel {number} exceeds channel_max {self.channel_max}",
             )
         assert self.pool is not None
-        link = self.pool.take_channel(self, number, self.home)
+        link = self.pool.take_channel(self, number, self.live_home)
         if link is not None:
             self._attach(link)
         else:
@@ -435,7 +439,7 @@ class ClientSession(ClientConnection):
     async def _open_channel_later(self, number: int) -> None:
         assert self.pool is not None
         try:
-            link = await self.pool.acquire_channel(self, number, self.home)
+            link = await self.pool.acquire_channel(self, number, self.live_home)
         except UpstreamError as exc:
             self.close_with(exc.code, exc.text, 20, 10)
             return
@@ -444,11 +448,18 @@ class ClientSession(ClientConnection):
             return
         self._attach(link)
 
+    @property
+    def live_home(self) -> UpstreamConnection | None:
+        """The connection the client's channels go to, while it takes channels (one that
+        closed, as idle or to rebalance, while the client had no channel there, is not)."""
+        home = self.home
+        return home if home is not None and home.is_open else None
+
     def _attach(self, link: ChannelLink[UpstreamConnection]) -> None:
         """The client's side of a new channel: answered at once, whatever happens upstream."""
         number = link.client_number
         upstream = link.upstream
-        if self.home is None:
+        if self.live_home is None:
             self.home = upstream
         self.channels[number] = link
         self.send(frame(METHOD, number, spec.CHANNEL_OPEN_OK_PAYLOAD))

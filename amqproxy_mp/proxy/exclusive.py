@@ -20,7 +20,7 @@ from typing import Any
 from amqproxy_mp.amqp import methods as m
 from amqproxy_mp.amqp import spec
 from amqproxy_mp.proxy.channels import ChannelLink, Up
-from amqproxy_mp.proxy.requests import Request
+from amqproxy_mp.proxy.requests import EXCLUSIVE_DECLARES, Request
 from amqproxy_mp.proxy.sides import ClientSide, UpstreamSide
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,26 @@ class ExclusiveQueues:
                 del self._by_client[client]
 
     def orphaned(self, queue: str) -> None:
-        """Declared for a client that left before the DeclareOk: nobody else will delete it."""
-        self._delete({queue}, None, None)
+        """Declared for a client that left before the DeclareOk: nobody else will delete it.
+        (A name it asked for has been locked since it left: see client_gone.) Unless another
+        client of this connection declared it meanwhile: on this connection that is the same
+        queue, and it is theirs now (or will be, at their DeclareOk)."""
+        owner = self._owners.get(queue)
+        if owner is not None and owner in self._by_client:
+            return
+        declaring = (
+            link for link in self._upstream.channels.values()
+            if link.client is not None and queue in link.requests.subjects(EXCLUSIVE_DECLARES)
+        )  # fmt: skip
+        if next(declaring, None) is None:
+            self._delete({queue}, None, owner)
+
+    def orphan_failed(self, queue: str) -> None:
+        """The declare of a client that left was refused: there is no queue to delete, and
+        the name it locked is free."""
+        owner = self._owners.get(queue)
+        if owner is not None and owner not in self._by_client:  # (a departed client's)
+            del self._owners[queue]
 
     def client_gone(
         self, client: ClientSide, links: Iterable[ChannelLink[Any]]
@@ -111,15 +129,18 @@ class ExclusiveQueues:
         a channel opened for just that. The deletes are requests, so that channel is parked
         (or closed) only once they are done. What it returns is done when they are
         answered: RabbitMQ ends a connection only after deleting its exclusive queues."""
+        here = [x for x in links if x.client is client and x.upstream is self._upstream]
+        for link in here:
+            # a named exclusive declare still unanswered: its DeclareOk will make the queue
+            # nobody's, and its delete follows; until then nobody else may declare the name
+            # (or the delete would take their queue)
+            for queue in link.requests.subjects(EXCLUSIVE_DECLARES):
+                if queue and queue not in self._owners:
+                    self._owners[queue] = client
         queues = self._by_client.pop(client, None)
         if not queues:
             return []
-        mine = (
-            x
-            for x in links
-            if x.client is client and x.upstream is self._upstream and x.up is Up.OPEN
-            and x.client_open
-        )  # fmt: skip
+        mine = (x for x in here if x.up is Up.OPEN and x.client_open)
         return self._delete(queues, next(mine, None), client)
 
     def _delete(
@@ -137,14 +158,28 @@ class ExclusiveQueues:
         for queue in sorted(queues):
             delete = m.encode_method(link.upstream_number, m.commands.Queue.Delete(queue=queue))
             answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-            answered.add_done_callback(functools.partial(self._freed, queue, owner))
+            answered.add_done_callback(
+                functools.partial(self._delete_answered, queue, owner, temporary)
+            )
             link.send_request(delete, spec.QUEUE_DELETE, Request.DROP, waiter=answered)
             done.append(answered)
         if temporary:
             link.client_left()
         return done
 
-    def _freed(self, queue: str, owner: ClientSide | None, _: object = None) -> None:
+    def _delete_answered(
+        self, queue: str, owner: ClientSide | None, spare: bool, answered: asyncio.Future[bool]
+    ) -> None:
+        """The name is free once the broker deleted the queue. If the channel closed first
+        (the departed client's own, closed by an error of its own), the delete goes again on
+        a spare channel; if that fails too, the name stays locked while the queue may be
+        there, as long as the connection lasts."""
+        if answered.result():
+            self._freed(queue, owner)
+        elif not spare:
+            self._delete({queue}, None, owner)
+
+    def _freed(self, queue: str, owner: ClientSide | None) -> None:
         if owner is not None and self._owners.get(queue) is owner:
             del self._owners[queue]
 

@@ -79,6 +79,8 @@ CONSUMES: Final = frozenset(
         Request.NAMED_AUTO_ACK_UNASKED,
     )
 )
+#: Exclusive declares, whose DeclareOk makes the queue the client's.
+EXCLUSIVE_DECLARES: Final = frozenset((Request.EXCLUSIVE, Request.EXCLUSIVE_UNASKED))
 SERVER_NAMED: Final = frozenset(
     (Request.CONSUME, Request.CONSUME_AUTO_ACK, Request.CONSUME_AUTO_ACK_UNASKED)
 )
@@ -130,6 +132,10 @@ class PendingRequests:
                     request.waiter.set_result(True)
                 return request
         return None
+
+    def subjects(self, kinds: frozenset[Request]) -> list[str]:
+        """What the pending requests of these kinds are about."""
+        return [request.subject for request in self._queue if request.kind in kinds]
 
     def has(self, kind: Request) -> bool:
         return any(request.kind is kind for request in self._queue)

@@ -7,6 +7,7 @@ back as `Any`: this module sits below channels.py, which implements them.)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from amqproxy_mp.metrics import Disconnect, Stats
@@ -66,6 +67,8 @@ class ExclusiveRecord(Protocol):
 
     def orphaned(self, queue: str) -> None: ...
 
+    def orphan_failed(self, queue: str) -> None: ...
+
 
 class UpstreamSide(Protocol):
     """An upstream connection, as the channel links on it see it."""
@@ -81,6 +84,9 @@ class UpstreamSide(Protocol):
 
     @property
     def can_park(self) -> bool: ...
+
+    @property
+    def channels(self) -> Mapping[int, Any]: ...
 
     def send(self, data: bytes) -> None: ...
 

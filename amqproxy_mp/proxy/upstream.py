@@ -181,6 +181,7 @@ class UpstreamConnection(FramedProtocol):
         self._uncount()  # (a closing connection is not the node's any more: see rebalancing)
         self._leave_pool()
         self._channels_gone()
+        self._let_clients_go()
         self.send(m.encode_method(0, commands.Connection.Close(spec.REPLY_SUCCESS, reason, 0, 0)))
         self.loop.call_later(5.0, self.abort)
 
@@ -239,6 +240,14 @@ class UpstreamConnection(FramedProtocol):
             self.name,
         )
         self._release_held()
+
+    def _let_clients_go(self) -> None:
+        """The connection ends: it no longer holds (stops reading) or blocks anyone, not
+        even a client with no channel left here (which would wait for an Unblocked)."""
+        self._release_held()
+        blocked, self.blocked_clients = self.blocked_clients, set()
+        for client in blocked:
+            client.upstream_unblocked(self)
 
     def _release_held(self) -> None:
         for client in self.held_clients:
@@ -444,8 +453,7 @@ class UpstreamConnection(FramedProtocol):
         clients = {id(c): c for c in self.exclusive.owners()}
         clients.update((id(c), c) for c in self.clients())
         self._channels_gone()
-        self._release_held()
-        self.blocked_clients.clear()
+        self._let_clients_go()
         for client in clients.values():
             client.close_with(code, text, class_id, method_id)
 

@@ -498,3 +498,34 @@ def test_a_clients_exclusive_queues_are_gone_when_its_connection_close_arrives(
     closing = "CloseOk" if ending == "client-close" else "Close"
     assert outcomes[0] == [closing, "Close 404", "DeclareOk", "DeclareOk"]
     assert outcomes[1] == outcomes[0]
+
+
+def test_a_queue_declared_just_after_a_client_left_mid_declare_is_not_deleted_under_its_owner(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """A sends an exclusive declare of a name and drops its socket before the DeclareOk; B,
+    on the same upstream connection, declares that name at once. The proxy deletes A's
+    queue when its DeclareOk comes (A is gone): that delete must never take B's queue.
+    B may get 405 while A's queue is still there (as from another connection), or the
+    queue; if B gets it, B keeps it. (B's new queue was deleted under it.)"""
+    p = proxy_factory("-t", "60", "--workers", "1", direct_ok=False)
+    for _ in range(20):
+        q = f"itest-orphan-{uuid.uuid4().hex[:8]}"
+        with raw(p) as b:
+            b.send(commands.Channel.Open(), 1)
+            b.read_method()
+            a = raw(p)
+            a.send(commands.Channel.Open(), 1)
+            a.read_method()
+            a.send(commands.Queue.Declare(queue=q, exclusive=True), 1)
+            a.close()
+            b.send(commands.Queue.Declare(queue=q, exclusive=True), 1)
+            _, reply = b.read_method()
+            if isinstance(reply, commands.Queue.DeclareOk):
+                time.sleep(0.2)
+                b.send(commands.Queue.Declare(queue=q, passive=True), 1)
+                _, again = b.read_method()
+                assert isinstance(again, commands.Queue.DeclareOk), "B's queue was deleted"
+            else:
+                assert isinstance(reply, commands.Channel.Close), reply
+                assert reply.reply_code == 405, reply

@@ -8,9 +8,10 @@ from typing import Any
 
 import pika
 
-from tests.support.broker import Names, queue_counts, rabbitmqctl
+from tests.support.broker import Names, close_broker_connection, queue_counts, rabbitmqctl
 from tests.support.pika_client import drain
-from tests.support.targets import Target
+from tests.support.proxy import ProxyProcess
+from tests.support.targets import ProxyFactory, Target
 
 
 def test_blocked_and_unblocked_reach_pika_clients(
@@ -111,3 +112,32 @@ def test_unblocked_reaches_a_client_that_closed_its_channel_meanwhile(
     drain(c, lambda: events == ["blocked", "unblocked"], timeout=20, what="Unblocked")
     c.close()
     publisher.close()
+
+
+def test_a_blocked_client_is_unblocked_when_its_upstream_connection_ends_meanwhile(
+    proxy_factory: ProxyFactory, restore_watermark: Callable[[], None]
+) -> None:
+    """A client told Connection.Blocked closes its channel (close_policy local: at once); the
+    upstream connection it was on then ends. The client, with nothing left there, carries
+    on, and must not stay blocked: it hears Unblocked (and Blocked again from whichever
+    connection it publishes on next, while the alarm lasts). (It stayed blocked for ever:
+    only the connection that was gone could unblock it.)"""
+    p = proxy_factory("--close-policy", "local", direct_ok=False)
+    assert isinstance(p, ProxyProcess)
+    events: list[str] = []
+    c = p.connect()
+    c.add_on_connection_blocked_callback(lambda _c, _m: events.append("blocked"))
+    c.add_on_connection_unblocked_callback(lambda _c, _m: events.append("unblocked"))
+    ch = c.channel()
+    try:
+        rabbitmqctl("set_vm_memory_high_watermark", "0")
+        ch.basic_publish("", "", b"while blocked")
+        drain(c, lambda: "blocked" in events, timeout=15, what="Connection.Blocked")
+        ch.close()
+        (port,) = p.upstream_local_ports()
+        close_broker_connection(port, "itest: the upstream connection ends")
+        drain(c, lambda: "unblocked" in events, timeout=15, what="Connection.Unblocked")
+    finally:
+        restore_watermark()
+    c.channel().basic_publish("", "", b"after the alarm")
+    c.close()

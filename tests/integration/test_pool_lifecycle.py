@@ -7,10 +7,11 @@ import socket
 import time
 import uuid
 
+import pika.exceptions
 import pytest
 from pamqp import commands
 
-from tests.support.broker import close_broker_connection
+from tests.support.broker import close_broker_connection, queue_counts
 from tests.support.proxy import ProxyProcess
 from tests.support.proxy_http import http_request
 from tests.support.raw_client import AMQP_HEADER, RawClient, read_until_connection_close
@@ -141,3 +142,65 @@ def test_an_idle_upstream_connection_holding_a_clients_exclusive_queue_is_kept(
         c.send(commands.Queue.Declare(queue=ok.queue, passive=True), 1)
         _, reply = c.read_method()
         assert isinstance(reply, commands.Queue.DeclareOk), reply
+
+
+def test_a_client_whose_home_connection_closed_meanwhile_keeps_its_channels_together(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """A client's channels all go to one upstream connection, its home, where its exclusive
+    queues are. Its home closes as idle while it has no channel there; its next channels
+    must make a new home together. (They went each to a connection of its own, so the second
+    got 405 for the first's exclusive queue.)"""
+    p = proxy_factory(
+        "-t", "60", "--idle-connection-timeout", "1", "--max-upstream-channels", "1",
+        direct_ok=False,
+    )  # fmt: skip
+    assert isinstance(p, ProxyProcess)
+    with RawClient(p.host, p.port) as other, RawClient(p.host, p.port) as c:
+        for client in (other, c):
+            assert "open_ok" in client.handshake()
+        other.send(commands.Channel.Open(), 1)  # holds the first connection
+        other.read_method()
+        c.send(commands.Channel.Open(), 1)
+        c.read_method()
+        c.send(commands.Channel.Close(200, "bye", 0, 0), 1)
+        c.read_method()
+        p.wait_log(r"closed: idle for 1 s", timeout=10)
+        for number in (1, 2):
+            c.send(commands.Channel.Open(), number)
+            c.read_method()
+        c.send(commands.Queue.Declare(queue="", exclusive=True), 1)
+        _, ok = c.read_method()
+        c.send(commands.Queue.Declare(queue=ok.queue, passive=True), 2)
+        _, reply = c.read_method()
+        assert isinstance(reply, commands.Queue.DeclareOk), reply
+
+
+def passive_code(name: str) -> int:
+    """200 if the queue exists for a new connection, else the broker's code (404, 405)."""
+    try:
+        queue_counts(name)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        return int(exc.reply_code)
+    return 200
+
+
+def test_a_departed_clients_exclusive_queue_is_deleted_even_when_its_channel_was_closing(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The client publishes to a missing exchange and drops its socket at once: the broker
+    is closing the channel (404) the proxy first sends the client's exclusive queue's
+    delete on, and ignores it. The delete must go again, on another channel: the queue
+    must not stay on the shared connection. (Its name was freed, and the queue stayed,
+    gathering messages, locked for every other connection: 405.)"""
+    p = proxy_factory("-t", "60", direct_ok=False)
+    q = f"itest-kept-{uuid.uuid4().hex[:8]}"
+    c = RawClient(p.host, p.port)
+    assert "open_ok" in c.handshake()
+    c.send(commands.Channel.Open(), 1)
+    c.read_method()
+    c.send(commands.Queue.Declare(queue=q, exclusive=True), 1)
+    c.read_method()
+    c.publish(1, "itest-no-such-exchange", "k", b"to nowhere")
+    c.close()
+    wait_for(lambda: passive_code(q) == 404, timeout=5, what="the queue deleted")

@@ -20,7 +20,9 @@ import pytest
 from pamqp import commands
 
 from tests.support.broker import BROKER_HOST, BROKER_PORT, Names
+from tests.support.hosts import name_in_hosts
 from tests.support.pika_client import get_all
+from tests.support.proxy import ProxyProcess
 from tests.support.raw_client import RawClient
 from tests.support.targets import ProxyFactory, Target
 
@@ -101,6 +103,22 @@ def make_certs(d: Path) -> dict[str, Path]:
     return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
+def server_cert(d: Path, name: str) -> dict[str, Path]:
+    """Another server certificate from the CA of `make_certs` (in `d`), for `name` only."""
+    stem = name.split(".")[0]
+    (d / f"{stem}.ext").write_text(
+        f"subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", *ec, "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN={name}",
+            cwd=d)  # fmt: skip
+    openssl("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{stem}.pem", "-days", "2", "-extfile", f"{stem}.ext",
+            cwd=d)  # fmt: skip
+    return {"server.pem": d / f"{stem}.pem", "server.key": d / f"{stem}.key"}
+
+
 class TlsRelay:
     """TLS server on 127.0.0.1 (and ::1 on the same port when possible) that pipes bytes to
     RabbitMQ. Runs its own event loop in a thread."""
@@ -156,6 +174,9 @@ class TlsRelay:
         return self
 
     def stop(self) -> None:
+        if not self.thread.is_alive():
+            return  # (stopped already)
+
         async def close() -> None:
             for s in self.servers:
                 s.close()
@@ -266,3 +287,33 @@ def test_tls_client_certificate_missing(
 ) -> None:
     p = tls_proxy(proxy_factory, mtls_relay, "--upstream-tls-ca-file", str(certs["ca.pem"]))
     refused_with_close(p)
+
+
+def test_each_node_is_verified_against_its_own_name(
+    proxy_factory: ProxyFactory, certs: dict[str, Path], names: Names
+) -> None:
+    """Two nodes, each with a certificate for its own name only (both names are 127.0.0.1):
+    the proxy checks each node against the name in its URL, so both verify, and when the
+    first goes, clients are served by the second."""
+    ca = certs["ca.pem"]
+    a, b = "node-a.amqproxy-test.internal", "node-b.amqproxy-test.internal"
+    relay_a = TlsRelay({**certs, **server_cert(ca.parent, a)}).start()
+    relay_b = TlsRelay({**certs, **server_cert(ca.parent, b)}).start()
+    try:
+        with name_in_hosts(f"{a} {b}", ["127.0.0.1"]):
+            p = proxy_factory(
+                "--upstream-tls-ca-file", str(ca), "--upstream-policy", "ordered",
+                upstream=f"amqps://{a}:{relay_a.port},amqps://{b}:{relay_b.port}",
+                direct_ok=False,
+            )  # fmt: skip
+            assert isinstance(p, ProxyProcess)
+            works(p, names)
+            assert relay_a.accepted >= 1 and relay_b.accepted == 0
+            relay_a.stop()
+            p.wait_log(rf"upstream node amqps://{a}:{relay_a.port} is down")
+            works(p, names)
+            assert relay_b.accepted >= 1
+            assert "certificate verif" not in p.log_text()
+    finally:
+        relay_a.stop()
+        relay_b.stop()

@@ -12,9 +12,9 @@ MARKER = "# amqproxy-mp test"
 
 @contextlib.contextmanager
 def name_in_hosts(name: str, addresses: list[str]) -> Iterator[str]:
-    """`name` resolves to `addresses` while this lasts (lines added to /etc/hosts and
-    removed after; host.conf's "multi on", Debian's default, makes every line count).
-    `remove_name` takes it away earlier."""
+    """`name` (or several, space-separated) resolves to `addresses` while this lasts
+    (lines added to /etc/hosts and removed after; host.conf's "multi on", Debian's default,
+    makes every line count). `remove_name` takes it away earlier."""
     kept = [line for line in HOSTS.read_text().splitlines() if MARKER not in line]
     HOSTS.write_text("\n".join(kept + [f"{a} {name} {MARKER}" for a in addresses]) + "\n")
     try:
