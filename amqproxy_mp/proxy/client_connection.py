@@ -321,9 +321,9 @@ class ClientConnection(FramedProtocol):
             )  # fmt: skip
         phase = self.phase
         if phase is Phase.CLOSING:
-            if index in (spec.CONNECTION_CLOSE_OK, spec.CONNECTION_CLOSE):
-                if index == spec.CONNECTION_CLOSE:
-                    self.send(spec.CONNECTION_CLOSE_OK_FRAME)
+            # as RabbitMQ, which ignores a Close of the client's that crossed its own (it may
+            # also still be on its way: see close_with)
+            if index == spec.CONNECTION_CLOSE_OK:
                 self.phase = Phase.CLOSED
                 self.close_transport()
             return

@@ -455,7 +455,7 @@ def test_two_clients_declaring_one_exclusive_queue_at_once_share_it_safely(
     assert "Traceback" not in p.log_text()
 
 
-@pytest.mark.parametrize("ending", ["client-close", "proxy-close"])
+@pytest.mark.parametrize("ending", ["client-close", "proxy-close", "both-close"])
 def test_a_clients_exclusive_queues_are_gone_when_its_connection_close_arrives(
     proxy_factory: ProxyFactory, ending: str
 ) -> None:
@@ -480,9 +480,13 @@ def test_a_clients_exclusive_queues_are_gone_when_its_connection_close_arrives(
                 a.read_method()
             if ending == "client-close":
                 a.send(commands.Connection.Close(200, "bye", 0, 0))
-            else:  # a method on a channel that is not open: 504 closes the connection
+            elif ending == "proxy-close":  # a method on a channel not open: 504 closes it
                 a.send(commands.Basic.Qos(prefetch_count=1), 7)
-            seen.append(type(a.read_method()[1]).__name__)
+            else:  # the same, and the client's own Close crosses the broker's (the proxy's)
+                a.send(commands.Basic.Qos(prefetch_count=1), 7)
+                time.sleep(0.002)  # (the 30 deletes take longer)
+                a.send(commands.Connection.Close(200, "bye", 0, 0))
+            seen.append(type(a.read_method()[1]).__name__)  # (RabbitMQ ignores a crossing Close)
             observer.send(commands.Queue.Declare(queue=queues[-1], passive=True), 1)
             _, reply = observer.read_method()
             seen.append(f"{type(reply).__name__} {getattr(reply, 'reply_code', '')}".strip())
