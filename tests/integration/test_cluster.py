@@ -165,10 +165,11 @@ def test_a_node_killed_under_load_fails_only_what_was_in_flight(
     setup.close()
     publisher = ConfirmingPublisher(p, queue)
     publisher.start()
-    php = [php_cycles(p, queue, 8) for _ in range(4)]
+    php = [php_cycles(p, queue, 15) for _ in range(4)]
     time.sleep(3)
     counts = connection_nodes(cluster)
     victim = next(n for n in cluster.nodes if n.name == max(counts, key=lambda k: counts[k]))
+    assert all(proc.poll() is None for proc in php), "the PHP clients ended before the kill"
     victim.kill()
     killed_at = time.time()
     cycles = cycles_of(php)
