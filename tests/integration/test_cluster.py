@@ -67,14 +67,18 @@ def direct(node: ClusterNode) -> pika.BlockingConnection:
     return pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", node.port))
 
 
-def connection_nodes(cluster: Cluster) -> dict[str, int]:
-    """How many client connections (the proxy's, in these tests) each node has: the node is
-    in each connection's pid, <amqproxy-test-1@localhost.1.2.3>."""
+def connection_nodes(cluster: Cluster, users: str = "") -> dict[str, int]:
+    """How many client connections (of users whose names start with `users`) each node has:
+    the node is in each connection's pid, <amqproxy-test-1@localhost.1.2.3>."""
     counts = {node.name: 0 for node in cluster.running()}
-    pids = cluster.running()[0].ctl("list_connections", "--quiet", "--no-table-headers", "pid")
-    for pid in pids.split():
-        name = pid.strip("<>").rsplit(".", 3)[0]
-        counts[name] = counts.get(name, 0) + 1
+    rows = cluster.running()[0].ctl(
+        "list_connections", "--quiet", "--no-table-headers", "pid", "user"
+    )
+    for row in rows.splitlines():
+        pid, _, user = row.partition("\t")
+        if pid.strip() and user.strip().startswith(users):
+            name = pid.strip().strip("<>").rsplit(".", 3)[0]
+            counts[name] = counts.get(name, 0) + 1
     return counts
 
 
@@ -191,7 +195,9 @@ def test_a_node_killed_under_load_fails_only_what_was_in_flight(
     assert metric_sample(p.http_port, "amqproxy_upstream_node_up", node=victim.url) == 0
     status, text = http_request(p.http_port, "/healthz")
     assert status == 200 and f"upstream nodes down: {victim.url}" in text, text
-    direct(survivor).channel().queue_delete(queue)
+    cleanup = direct(survivor)
+    cleanup.channel().queue_delete(queue)
+    cleanup.close()
 
 
 def test_a_drained_node_gets_no_new_connections_and_is_used_again_once_revived(
@@ -301,7 +307,7 @@ def spread_pools_and_leaders(
         c = p.connect(user, user)
         c.channel().queue_declare(queue, durable=True, arguments=QUORUM)
         held.append(c)
-    counts = connection_nodes(cluster)
+    counts = connection_nodes(cluster, "itest-spread")
     assert sorted(counts.values()) == [10, 10, 10], counts
     leaders = (
         cluster.nodes[0]
@@ -336,17 +342,17 @@ def test_a_node_back_from_maintenance_gets_its_share_from_connections_nobody_use
                 c.close()
 
         every_user_once()
-        assert sorted(connection_nodes(cluster).values()) == [2, 2, 2]
+        assert sorted(connection_nodes(cluster, "itest-rebalance").values()) == [2, 2, 2]
         upgrade(third, "drain")
         p.wait_log(rf"upstream node {third.url} is down", timeout=20)
         every_user_once()
-        counts = connection_nodes(cluster)
+        counts = connection_nodes(cluster, "itest-rebalance")
         assert counts.get(third.name, 0) == 0 and sum(counts.values()) == 6, counts
         upgrade(third, "revive")
         p.wait_log(rf"upstream node {third.url} is up again", timeout=40)
         wait_for(lambda: p.log_text().count("rebalancing: node") >= 2, what="2 rebalanced")
         every_user_once()
-        assert sorted(connection_nodes(cluster).values()) == [2, 2, 2]
+        assert sorted(connection_nodes(cluster, "itest-rebalance").values()) == [2, 2, 2]
         time.sleep(2)  # balanced: nothing more is closed
         assert p.log_text().count("rebalancing: node") == 2
 
@@ -397,7 +403,9 @@ def test_a_rolling_restart_under_load_fails_only_what_was_in_flight(
         assert any(began - 1 <= c["t"] <= ended + 1 for began, ended in stops), (c, stops)
     assert statuses and set(statuses) == {200}, statuses
     assert set(publisher.confirmed) <= queue_bodies(cluster.nodes[0], queue)
-    direct(cluster.nodes[0]).channel().queue_delete(queue)
+    cleanup = direct(cluster.nodes[0])
+    cleanup.channel().queue_delete(queue)
+    cleanup.close()
 
 
 def test_a_host_name_with_several_addresses_is_one_node_per_address(
@@ -416,7 +424,7 @@ def test_a_host_name_with_several_addresses_is_one_node_per_address(
             c = p.connect(user, user)
             c.channel()
             held.append(c)
-        assert sorted(connection_nodes(cluster).values()) == [2, 2, 2]
+        assert sorted(connection_nodes(cluster, "itest-named").values()) == [2, 2, 2]
         url = f"amqp://{name}:{SHARED_PORT}"
         labels = {f"{url} ({node.shared_address})" for node in cluster.nodes}
 
