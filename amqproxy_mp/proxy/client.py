@@ -137,13 +137,18 @@ class ClientSession(ClientConnection):
         exchange first (404 on the channel when it is missing), then fail to read them (541
         on the connection). So the proxy asks the broker about the exchange, in order on the
         channel, and reads nothing more from the client until it has answered."""
-        exchange = str(m.method_arguments(spec.BASIC_PUBLISH, link.incoming.last_publish)[1])
+        publish = link.incoming.last_publish
+        exchange = publish[7 : 7 + publish[6]]  # (its name as sent: RabbitMQ looks it up so)
         if not exchange:  # the default exchange is always there
             self.close_with(spec.INTERNAL_ERROR, "INTERNAL_ERROR", kind=Disconnect.PROTOCOL_ERROR)
             return
-        passive = m.encode_method(
-            link.upstream_number, m.commands.Exchange.Declare(exchange=exchange, passive=True)
-        )
+        # Exchange.Declare(exchange, type "", passive) with no arguments, built here: pamqp
+        # refuses names with characters RabbitMQ takes (it only looks them up)
+        declare = (
+            spec.EXCHANGE_DECLARE.to_bytes(4, "big") + b"\x00\x00" + bytes([len(exchange)])
+            + exchange + b"\x00\x01\x00\x00\x00\x00"
+        )  # fmt: skip
+        passive = frame(METHOD, link.upstream_number, declare)
         self._verdict = self.loop.create_future()
         link.send_request(passive, spec.EXCHANGE_DECLARE, Request.UNREADABLE)
         self.run_paused(self._await_verdict(self._verdict))

@@ -238,3 +238,21 @@ def test_the_channel_of_a_client_closed_for_unreadable_properties_serves_one_cli
         names.append(reply.queue)
         c.close()
     assert len(set(names)) == 2
+
+
+def test_unreadable_properties_to_an_exchange_name_pamqp_refuses_are_answered_as_directly(
+    proxy: Any,
+) -> None:
+    """A message with unreadable properties, to an exchange whose name has a character pamqp
+    will not encode (a NUL): RabbitMQ looks the name up as it is. The proxy's own lookup of
+    the exchange crashed building its request (541 "proxy error"). Found by the fuzz test."""
+    name = b"\x00test-fuzz-a"
+    method = (
+        struct.pack(">HHH", 60, 40, 0) + bytes([len(name)]) + name + b"\x01k" + b"\x00"
+    )  # Basic.Publish(exchange=name, routing_key="k")
+    header = struct.pack(">HHQ", 60, 0, 0)  # no property flags at all: unreadable
+    setup = raw_frame(1, 1, method) + raw_frame(2, 1, header)
+    stop = b"\x00\x14\x00\x28"  # Channel.Close
+    direct = outcome(DirectTarget(), setup, stop)
+    assert outcome(proxy, setup, stop) == direct
+    assert direct[-1][0] == "closed" or direct[-1][0] == 1, direct
