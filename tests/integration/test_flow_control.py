@@ -14,6 +14,14 @@ from tests.support.proxy import ProxyProcess
 from tests.support.targets import ProxyFactory, Target
 
 
+def watched(target: Target, events: list[str]) -> pika.BlockingConnection:
+    """A client connection whose Connection.Blocked and Unblocked are noted in `events`."""
+    c = target.connect()
+    c.add_on_connection_blocked_callback(lambda _c, _m: events.append("blocked"))
+    c.add_on_connection_unblocked_callback(lambda _c, _m: events.append("unblocked"))
+    return c
+
+
 def test_blocked_and_unblocked_reach_pika_clients(
     proxy: Target, names: Names, restore_watermark: Callable[[], None]
 ) -> None:
@@ -98,9 +106,7 @@ def test_unblocked_reaches_a_client_that_closed_its_channel_meanwhile(
     publisher = proxy.connect()
     pch = publisher.channel()
     pch.queue_declare(q)
-    c = proxy.connect()
-    c.add_on_connection_blocked_callback(lambda _c, _m: events.append("blocked"))
-    c.add_on_connection_unblocked_callback(lambda _c, _m: events.append("unblocked"))
+    c = watched(proxy, events)
     ch = c.channel()
     try:
         rabbitmqctl("set_vm_memory_high_watermark", "0")
@@ -125,9 +131,7 @@ def test_a_blocked_client_is_unblocked_when_its_upstream_connection_ends_meanwhi
     p = proxy_factory("--close-policy", "local", direct_ok=False)
     assert isinstance(p, ProxyProcess)
     events: list[str] = []
-    c = p.connect()
-    c.add_on_connection_blocked_callback(lambda _c, _m: events.append("blocked"))
-    c.add_on_connection_unblocked_callback(lambda _c, _m: events.append("unblocked"))
+    c = watched(p, events)
     ch = c.channel()
     try:
         rabbitmqctl("set_vm_memory_high_watermark", "0")

@@ -7,21 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from amqproxy_mp.config import Config, ConfigError, LoadedConfig, load_config
-
-URL = "amqp://broker.example.com"
+from amqproxy_mp.config import Config, LoadedConfig
+from tests.unit import config_support
+from tests.unit.config_support import URL
 
 
 def load(argv: list[str], env: dict[str, str] | None = None) -> LoadedConfig:
-    return load_config([*argv, URL], env or {})
+    """With the upstream URL added (these tests are about the other options)."""
+    return config_support.load([*argv, URL], env)
 
 
 def error_of(argv: list[str], env: dict[str, str] | None = None) -> str:
-    with pytest.raises(ConfigError) as info:
-        load(argv, env)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+    return config_support.error_of([*argv, URL], env)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import math
 import multiprocessing
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -286,12 +286,17 @@ def replace_stats_then_export(directory: str) -> None:
     metrics.export(stats, Gauges(client_connections=2))  # gauges are set, not added
 
 
-def test_replaced_stats_count_as_new_and_gauges_are_set(directory: str) -> None:
-    process = FORK.Process(target=replace_stats_then_export, args=(directory,))
+def exported_by_a_worker(directory: str, export: Callable[[str], None]) -> Samples:
+    """What /metrics shows once `export` has run in a process of its own (a worker)."""
+    process = FORK.Process(target=export, args=(directory,))
     process.start()
     process.join(30)
     assert process.exitcode == 0
-    samples = scrape(directory)
+    return scrape(directory)
+
+
+def test_replaced_stats_count_as_new_and_gauges_are_set(directory: str) -> None:
+    samples = exported_by_a_worker(directory, replace_stats_then_export)
     assert get(samples, "amqproxy_messages_published_total") == 13
     assert get(samples, "amqproxy_upstream_errors_total", reason="tls") == 5
     assert get(samples, "amqproxy_client_connections") == 2
@@ -307,11 +312,7 @@ def export_a_node_that_goes(directory: str) -> None:
 
 
 def test_a_node_that_is_gone_reads_zero_not_its_last_values(directory: str) -> None:
-    process = FORK.Process(target=export_a_node_that_goes, args=(directory,))
-    process.start()
-    process.join(30)
-    assert process.exitcode == 0
-    samples = scrape(directory)
+    samples = exported_by_a_worker(directory, export_a_node_that_goes)
     for node, expected in [
         ("amqp://svc:5672 (10.0.0.1)", (1, 2, 5)),
         ("amqp://svc:5672 (10.0.0.2)", (0, 0, 0)),
