@@ -14,8 +14,8 @@ from pamqp import commands
 from pamqp import frame as pamqp_frame
 from pamqp.base import Frame as Method
 
-from amqproxy_mp.amqp.frames import METHOD_ID, FrameError, amqp_error_text, frame
-from amqproxy_mp.amqp.spec import CHANNEL_CLOSE, CONNECTION_CLOSE
+from amqproxy_mp.amqp.frames import METHOD, METHOD_ID, FrameError, amqp_error_text, frame
+from amqproxy_mp.amqp.spec import CHANNEL_CLOSE, CONNECTION_CLOSE, EXCHANGE_DECLARE
 from amqproxy_mp.amqp.validate import check_table, method_arguments, table_entries
 
 __all__ = [
@@ -59,6 +59,16 @@ def close_frame(channel: int, code: int, text: str, class_id: int = 0, method_id
     payload = struct.pack(">IHB", index, code, len(raw)) + raw
     payload += struct.pack(">HH", class_id, method_id)
     return frame(1, channel, payload)
+
+
+def passive_exchange_declare(channel: int, exchange: bytes) -> bytes:
+    """Exchange.Declare(exchange, passive) for a name as a client sent it: pamqp refuses
+    names with characters RabbitMQ accepts (a publish only looks the exchange up)."""
+    payload = (
+        EXCHANGE_DECLARE.to_bytes(4, "big") + b"\x00\x00" + bytes([len(exchange)]) + exchange
+        + b"\x00\x01\x00\x00\x00\x00"  # type "", flags: passive, arguments: none
+    )  # fmt: skip
+    return frame(METHOD, channel, payload)
 
 
 def client_capabilities(start_ok_arguments: list[object], payload: bytes | memoryview) -> set[str]:

@@ -142,13 +142,7 @@ class ClientSession(ClientConnection):
         if not exchange:  # the default exchange is always there
             self.close_with(spec.INTERNAL_ERROR, "INTERNAL_ERROR", kind=Disconnect.PROTOCOL_ERROR)
             return
-        # Exchange.Declare(exchange, type "", passive) with no arguments, built here: pamqp
-        # refuses names with characters RabbitMQ takes (it only looks them up)
-        declare = (
-            spec.EXCHANGE_DECLARE.to_bytes(4, "big") + b"\x00\x00" + bytes([len(exchange)])
-            + exchange + b"\x00\x01\x00\x00\x00\x00"
-        )  # fmt: skip
-        passive = frame(METHOD, link.upstream_number, declare)
+        passive = m.passive_exchange_declare(link.upstream_number, exchange)
         self._verdict = self.loop.create_future()
         link.send_request(passive, spec.EXCHANGE_DECLARE, Request.UNREADABLE)
         self.run_paused(self._await_verdict(self._verdict))
