@@ -13,6 +13,7 @@ import glob
 import json
 import logging
 import os
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
@@ -56,8 +57,26 @@ def prepare_directory(directory: str) -> None:
                     os.unlink(entry.path)
 
 
+#: Bytes before a prometheus-client mmap file's first entry (the used-size word and padding).
+_MMAP_HEADER = 8
+
+
+def _sized(path: str) -> bool:
+    """Whether the file holds at least a header.
+
+    prometheus-client creates its file empty and sizes it a moment later: a worker killed in
+    between leaves a file that its reader cannot parse (struct.error) and that holds nothing.
+    """
+    try:
+        return os.stat(path).st_size >= _MMAP_HEADER
+    except FileNotFoundError:
+        return False
+
+
 def _read_mmap(path: str) -> Iterator[tuple[str, float]]:
-    """(key, value) of every entry of a prometheus-client mmap file."""
+    """(key, value) of every entry of a prometheus-client mmap file; none if it is unsized."""
+    if not _sized(path):
+        return
     entries = MmapedDict.read_all_values_from_file(path)  # type: ignore[no-untyped-call]
     for key, value, _timestamp, _pos in entries:
         yield key, value
@@ -72,7 +91,7 @@ def _fold_into_archive(directory: str, prefix: str, path: str) -> None:
             totals[key] = totals.get(key, 0.0) + value
     try:
         dead = list(_read_mmap(path))
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, struct.error) as exc:
         log.warning("cannot read metrics file %s of a dead worker, dropping it: %s", path, exc)
         return
     for key, value in dead:
@@ -198,6 +217,18 @@ class _MasterCollector:
         yield cpu
 
 
+class _WorkerFilesCollector:
+    """prometheus-client's multiprocess aggregate of the directory, without unsized files."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = [p for p in glob.glob(os.path.join(self.directory, "*.db")) if _sized(p)]
+        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
+
+
 class MasterMetrics:
     """Serves the aggregate of all workers' files plus the master's own process-level metrics."""
 
@@ -211,7 +242,7 @@ class MasterMetrics:
     ) -> bytes:
         """Prometheus text format (content type `CONTENT_TYPE`), read fresh on every scrape."""
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
+        registry.register(_WorkerFilesCollector(self.directory))
         collector = _MasterCollector(self.version, self.upstream, workers, restarts, reload_ok)
         registry.register(collector)
         return generate_latest(registry)

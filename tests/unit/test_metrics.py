@@ -328,6 +328,25 @@ def test_a_node_that_is_gone_reads_zero_not_its_last_values(directory: str) -> N
         assert got == expected, (node, got)
 
 
+def test_a_worker_killed_while_creating_its_files(directory: str) -> None:
+    """prometheus-client creates a file empty and only then sizes it: a worker killed between
+    the two (a crash loop, CI seed of 2026-11-27) leaves a file too short to hold a header.
+    Scrapes skip it while the worker is listed, and reaping drops it; neither fails."""
+    with live_worker(directory, 1, 3):
+        gone = dead_worker(directory, 2, 4)
+        archive_dead_process(directory, gone)
+        torn = 999_999_991
+        Path(directory, f"counter_{torn}.db").write_bytes(b"")
+        Path(directory, f"histogram_{torn}.db").write_bytes(b"\x08\x00")
+        Path(directory, f"gauge_livesum_{torn}.db").write_bytes(b"")
+        assert_totals(scrape(directory), [3, 4])
+        archive_dead_process(directory, torn)
+        samples = scrape(directory)
+        assert_totals(samples, [3, 4])
+        assert_gauges(samples, [3])
+        assert not [name for name in os.listdir(directory) if str(torn) in name]
+
+
 def test_archive_touches_only_that_pid(directory: str) -> None:
     with live_worker(directory, 1, 1) as pid:
         files = set(os.listdir(directory))
