@@ -77,11 +77,14 @@ class Stats:
         "client_bytes_in",
         "client_bytes_out",
         "client_disconnects",
+        "clients_moved",
         "delivered",
         "failovers",
         "node_connect_seconds",
         "node_state_changes",
+        "publish_nacks",
         "published",
+        "resent",
         "upstream_bytes_in",
         "upstream_bytes_out",
         "upstream_channel_opens",
@@ -92,6 +95,12 @@ class Stats:
     def __init__(self) -> None:
         #: complete messages forwarded client -> broker
         self.published = 0
+        #: messages the broker nacked (refused), and messages the proxy sent again because
+        #: their upstream connection ended before the broker confirmed them
+        self.publish_nacks = 0
+        self.resent = 0
+        #: clients that went on through another upstream connection when theirs ended
+        self.clients_moved = 0
         #: Basic.Deliver / Basic.GetOk forwarded broker -> client
         self.delivered = 0
         #: Channel.Open sent to the broker
@@ -126,6 +135,8 @@ class Gauges:
     upstream_connections: int = 0
     client_channels: int = 0
     upstream_channels: int = 0
+    #: messages published and not yet confirmed by the broker
+    unconfirmed: int = 0
     #: per upstream node: (up, this worker's connections to it, their channels)
     nodes: dict[str, tuple[bool, int, int]] = field(default_factory=dict)
 
@@ -185,6 +196,13 @@ PLAIN_COUNTERS: Final = (
     ("upstream_bytes_out", "amqproxy_upstream_bytes_sent", "Bytes sent to the broker"),
     ("failovers", "amqproxy_upstream_failovers",
      "Upstream nodes seen to go down while up: new connections went to the other nodes"),
+    ("resent", "amqproxy_messages_resent",
+     "Messages published again because their upstream connection ended before the broker "
+     "confirmed them"),
+    ("publish_nacks", "amqproxy_messages_nacked",
+     "Messages the broker refused with a publisher nack"),
+    ("clients_moved", "amqproxy_clients_moved",
+     "Clients that went on through another upstream connection when theirs ended, unaware"),
 )  # fmt: skip
 
 
@@ -218,6 +236,10 @@ class WorkerMetrics:
         self.client_channels = gauge("amqproxy_client_channels", "Channels opened by clients")
         self.upstream_channels = gauge(
             "amqproxy_upstream_channels", "Channels open on upstream connections"
+        )
+        self.unconfirmed = gauge(
+            "amqproxy_unconfirmed_messages",
+            "Messages published and not yet confirmed by the broker (kept to be sent again)",
         )
         #: (Stats field, its counter, what has been exported of it)
         self._plain = tuple(
@@ -299,6 +321,7 @@ class WorkerMetrics:
         self.upstream_connections.set(gauges.upstream_connections)
         self.client_channels.set(gauges.client_channels)
         self.upstream_channels.set(gauges.upstream_channels)
+        self.unconfirmed.set(gauges.unconfirmed)
         self._node_changes.export(stats.node_state_changes)
         for node, seconds in stats.node_connect_seconds:
             self.node_connect_seconds.labels(node).observe(seconds)

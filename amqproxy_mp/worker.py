@@ -253,6 +253,7 @@ class Worker:
                 upstream_connections=len(connections),
                 client_channels=sum(len(session.channels) for session in self.ctx.sessions),
                 upstream_channels=sum(len(conn.channels) for conn in connections),
+                unconfirmed=self.ctx.pools.unconfirmed.count,
                 nodes={
                     name: (name in up, node_connections[name], node_channels[name])
                     for name in names
@@ -272,6 +273,12 @@ class Worker:
                     "nodes": sorted(conn.node.name for conn in pool.connections),
                     "channels_in_use": sum(len(conn.channels) for conn in pool.connections),
                     "clients": pool.clients,
+                    "unconfirmed_messages": sum(
+                        len(link.confirms.pending)
+                        for conn in pool.connections
+                        for link in conn.channels.values()
+                        if link.confirms is not None
+                    ),
                 }
                 for pool in pools
             ],
@@ -309,6 +316,15 @@ class Worker:
             await self._wait_until(lambda: not self.ctx.sessions, timeout)
             for session in list(self.ctx.sessions):
                 session.abort()
+        unconfirmed = self.ctx.pools.unconfirmed
+        if unconfirmed.count:
+            log.info("waiting up to 5 s for the broker to confirm %d messages", unconfirmed.count)
+            await self._wait_until(lambda: not unconfirmed.count, 5.0)
+        if unconfirmed.count:
+            log.error(
+                "shutting down with %d messages the broker has not confirmed: they may be lost",
+                unconfirmed.count,
+            )
         upstreams = list(self.ctx.pools.connections())
         for conn in upstreams:
             conn.close("amqproxy-mp is shutting down")

@@ -94,8 +94,10 @@ class Proxy:
         logdir: Path,
         options: tuple[str, ...] = (),
         upstream: str = "",
+        repo: Path = REPO,
     ) -> None:
-        """`upstream`: the URL(s), when not the broker at 127.0.0.1:`upstream_port`."""
+        """`upstream`: the URL(s), when not the broker at 127.0.0.1:`upstream_port`; `repo`:
+        the checkout whose amqproxy_mp runs (another release's, side by side)."""
         direct = f"amqp://127.0.0.1:{upstream_port}"
         self.workers = workers
         self.upstream_port = upstream_port
@@ -107,7 +109,7 @@ class Proxy:
         self.proc = _spawn(
             [sys.executable, "-m", "amqproxy_mp", *args, upstream or direct],
             self.log,
-            cwd=REPO,
+            cwd=repo,
             # Its own metrics directory (a temporary one it removes), never a shared one.
             env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
             | PROXY_ENV,

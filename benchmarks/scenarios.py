@@ -42,9 +42,15 @@ PHP_SCRIPT = procs.BENCH / "php" / "cycle.php"
 # --- php-amqp, warm-up ----------------------------------------------------------------------
 
 
-def php(port: int, cycles: int, queue: str = CYCLE_QUEUE, timeout: float = 300.0) -> dict[str, Any]:
+def php(
+    port: int,
+    cycles: int,
+    queue: str = CYCLE_QUEUE,
+    timeout: float = 300.0,
+    persistent: bool = False,
+) -> dict[str, Any]:
     """Run benchmarks/php/cycle.php: `cycles` php-amqp connect/channel/publish/disconnect."""
-    args = [USER, PASSWORD, VHOST, queue, str(cycles)]
+    args = [USER, PASSWORD, VHOST, queue, str(cycles), "2" if persistent else "1"]
     result = subprocess.run(
         ["php", str(PHP_SCRIPT), HOST, str(port), *args],
         capture_output=True,

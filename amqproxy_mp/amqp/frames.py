@@ -92,6 +92,22 @@ def body_frames(channel: int, body: bytes | memoryview, frame_max: int) -> list[
     return [frame(BODY, channel, view[i : i + limit]) for i in range(0, len(view), limit)]
 
 
+def renumbered(data: bytes, channel: int, frame_max: int) -> bytes:
+    """Complete frames moved to another channel, bodies re-split to another peer's frame_max."""
+    parts = []
+    position = 0
+    while position < len(data):
+        frame_type, _, size = FRAME_HEADER.unpack_from(data, position)
+        start = position + HEADER_SIZE
+        payload = memoryview(data)[start : start + size]
+        if frame_type == BODY and size + OVERHEAD > frame_max:
+            parts.extend(body_frames(channel, payload, frame_max))
+        else:
+            parts.append(frame(frame_type, channel, payload))
+        position = start + size + 1
+    return b"".join(parts)
+
+
 def method_id(payload: bytes | memoryview) -> int:
     """The combined class/method id (class << 16 | method) of a method frame's payload."""
     if len(payload) < 4:

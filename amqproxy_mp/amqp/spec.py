@@ -59,6 +59,9 @@ BASIC_RECOVER: Final = B.Recover.index
 BASIC_RECOVER_ASYNC: Final = B.RecoverAsync.index
 BASIC_RECOVER_OK: Final = B.RecoverOk.index
 TX_SELECT: Final = commands.Tx.Select.index
+CONFIRM_SELECT: Final = commands.Confirm.Select.index
+#: Exchange and Queue: their methods act on the vhost's entities, not on the channel.
+ENTITY_CLASSES: Final = frozenset((40, 50))
 
 # Reply codes (AMQP 0-9-1 constants, as RabbitMQ uses them).
 REPLY_SUCCESS: Final = 200
@@ -146,6 +149,8 @@ CHANNEL_OPEN_OK_PAYLOAD: Final = struct.pack(">II", CHANNEL_OPEN_OK, 0)  # (and 
 CHANNEL_CLOSE_OK_PAYLOAD: Final = payload_of(commands.Channel.CloseOk())
 BASIC_QOS_OK_PAYLOAD: Final = payload_of(B.QosOk())
 RECOVER_PAYLOAD: Final = payload_of(B.Recover(requeue=True))
+#: The proxy's own Confirm.Select (no reply): the broker confirms each publish after it.
+CONFIRM_SELECT_NOWAIT_PAYLOAD: Final = payload_of(commands.Confirm.Select(nowait=True))
 #: Exchange.Declare(amq.direct, passive): a request with no effect, to learn that the broker
 #: has processed everything before it.
 MARKER_PAYLOAD: Final = payload_of(

@@ -61,6 +61,7 @@ class Config:
     term_timeout: float = -1.0
     retire_client_close_timeout: float = 5.0
     close_policy: str = "processed"
+    unconfirmed_buffer: int = 64 * 1024 * 1024
     client_heartbeat: int = 60
     upstream_heartbeat: int = 60
     client_handshake_timeout: float = 10.0

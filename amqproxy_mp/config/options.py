@@ -72,7 +72,7 @@ _BOOLS = {"true": True, "yes": True, "1": True, "on": True}
 _BOOLS.update({"false": False, "no": False, "0": False, "off": False})
 
 
-_CLOSE_POLICIES = ("processed", "local")
+_CLOSE_POLICIES = ("processed", "confirmed", "local")
 
 
 def _close_policy(text: str) -> str:
@@ -344,12 +344,22 @@ OPTIONS: tuple[Option, ...] = (
         yaml_types=_NUMBER,
     ),
     _opt(
-        "close_policy", _close_policy, "processed or local",
+        "close_policy", _close_policy, "processed, confirmed or local",
         help="when a client's Channel.Close or Connection.Close is answered: processed, once "
         "the broker has processed the client's publishes on that channel (one round trip, only "
         "on channels that published since their last reply; the client sees errors and order "
-        "as directly); local, at once (fastest; a late error is not reported, and sequential "
-        "connections on different workers may reorder)", metavar="POLICY",
+        "as directly); confirmed, once the broker has also confirmed them (the proxy confirms "
+        "every publish upstream: a CloseOk then means the broker has the messages, which a "
+        "direct connection does not say); local, at once (fastest; a late error is not "
+        "reported, and sequential connections on different workers may reorder)",
+        metavar="POLICY",
+    ),
+    _opt(
+        "unconfirmed_buffer", _int_in(65536, 2**40), "a number of bytes >= 65536",
+        help="bytes of published messages a worker keeps until the broker confirms them (to "
+        "send them again if their upstream connection ends first); over it, publishing "
+        "clients are not read until the broker has confirmed half of it",
+        metavar="BYTES", yaml_types=(int,), default_text="67108864 (64 MiB)",
     ),
     _opt(
         "client_heartbeat", _int_in(0, 65535), "an integer 0..65535 (0: no heartbeats)",

@@ -30,8 +30,10 @@ from typing import Final, Generic, TypeVar
 
 from amqproxy_mp.amqp import methods as m
 from amqproxy_mp.amqp import spec
-from amqproxy_mp.amqp.frames import METHOD, frame
+from amqproxy_mp.amqp.frames import METHOD, frame, renumbered
+from amqproxy_mp.proxy import prefetch
 from amqproxy_mp.proxy.auto_ack import AutoAcks, consumer_tag
+from amqproxy_mp.proxy.confirms import ClientConfirms, Unconfirmed, UpstreamConfirms
 from amqproxy_mp.proxy.prefetch import Prefetch
 from amqproxy_mp.proxy.publishing import HEADER_EXPECTED, NO_CONTENT, IncomingMessage
 from amqproxy_mp.proxy.requests import (
@@ -45,6 +47,8 @@ from amqproxy_mp.proxy.requests import (
 from amqproxy_mp.proxy.sides import ClientSide, UpstreamSide
 
 _U64: Final = struct.Struct(">Q")
+#: Basic.Ack's and Basic.Nack's delivery tag and flags (bit 0: multiple).
+_ACK_ARGUMENTS: Final = struct.Struct(">QB")
 #: Basic.Ack's method id, and its flags octet when it acks one delivery.
 ACK_METHOD: Final = spec.BASIC_ACK.to_bytes(4, "big")
 ACK_ONE: Final = b"\x00"
@@ -73,9 +77,13 @@ class ChannelLink(Generic[UpstreamT]):
         "auto_acks",
         "awaits_close_ok",
         "client",
+        "client_confirms",
         "client_number",
         "close_answered",
+        "close_confirmed",
+        "close_due",
         "close_for_connection",
+        "confirms",
         "consumer_tags",
         "delivery_left",
         "error_due",
@@ -83,6 +91,7 @@ class ChannelLink(Generic[UpstreamT]):
         "incoming",
         "owes_close_ok",
         "parked_since",
+        "pinned",
         "prefetch",
         "publishes",
         "requests",
@@ -132,6 +141,8 @@ class ChannelLink(Generic[UpstreamT]):
         #: Only complete publishes, Basic.Get with no_ack and Basic.Qos happened on it: it may
         #: be handed to the next client once clean (see `client_left`).
         self.safe = True
+        #: The client's channel has state only this upstream channel holds (see not_reusable).
+        self.pinned = False
         self.prefetch = Prefetch()
         self.parked_since = 0.0
         #: From the client's first no_ack consumer on (see auto_ack.py).
@@ -144,6 +155,16 @@ class ChannelLink(Generic[UpstreamT]):
         self.settle_after_content = False
         #: The client selected transactions: acks of the proxy's would join them.
         self.transactional = False
+        #: The upstream channel's confirm mode, which the proxy selects (confirms.py).
+        self.confirms: UpstreamConfirms | None = None
+        #: The client's own confirm mode (it sent Confirm.Select), until it leaves.
+        self.client_confirms: ClientConfirms | None = None
+        #: The client's close is answered once the broker confirmed its publishes
+        #: (close_policy confirmed), not merely processed them.
+        self.close_confirmed = False
+        #: A Channel.Close to send upstream once the broker has confirmed what is pending
+        #: (a channel's close would lose the confirms still due).
+        self.close_due: bytes | None = None
 
     @classmethod
     def closed_for_client(
@@ -213,14 +234,97 @@ class ChannelLink(Generic[UpstreamT]):
         return waiter
 
     def publish(self) -> None:
-        """The client's message is complete: send it in one piece."""
+        """The client's message is complete: send it in one piece, and keep it until the
+        broker confirms it (unless the channel is transactional)."""
         self.publishes += 1
-        self.upstream.send(self.incoming.take())
+        data = self.incoming.take()
+        if self.transactional:
+            self.upstream.send(data)
+            return
+        confirms = self.confirms
+        if confirms is None:
+            confirms = self._select_confirms()
+        self.upstream.send(data)
+        confirms.add(Unconfirmed(data, self.client_confirms), self.client)
+
+    def _select_confirms(self) -> UpstreamConfirms:
+        self.upstream.send(frame(METHOD, self.upstream_number, spec.CONFIRM_SELECT_NOWAIT_PAYLOAD))
+        self.confirms = UpstreamConfirms(self.upstream.unconfirmed)
+        return self.confirms
+
+    def select_confirms(self) -> None:
+        """The client's Confirm.Select (sent on as it is, for the broker's SelectOk in order):
+        its publishes are numbered from 1 on, and answered under those numbers."""
+        if self.confirms is None:
+            self.confirms = UpstreamConfirms(self.upstream.unconfirmed)
+        if self.client_confirms is None and self.client is not None:
+            self.client_confirms = ClientConfirms(self.client, self.client_number)
+
+    def republish(self, messages: list[Unconfirmed]) -> None:
+        """Send again what another upstream channel could not get confirmed. On a channel
+        of the proxy's own, it parks once the broker has confirmed them."""
+        confirms = self.confirms or self._select_confirms()
+        number, frame_max = self.upstream_number, self.upstream.frame_max
+        for message in messages:
+            message.data = renumbered(message.data, number, frame_max)
+            confirms.adopt(message)
+        self.publishes += len(messages)
+        self.upstream.send(b"".join(message.data for message in messages))
+        self.upstream.stats.resent += len(messages)
+        if self.client is None:
+            self.client_left()
+
+    @property
+    def movable(self) -> bool:
+        """Its client's channel could go on on another upstream channel: it holds no state
+        of the channel's (consumers, deliveries, a transaction), awaits no reply, and is in
+        no close or error of its own."""
+        return (
+            self.up is Up.OPEN
+            and not self.pinned
+            and not self.awaits_reply
+            and not (self.awaits_close_ok or self.error_due or self.settle_after_content)
+        )
+
+    def took_over(self, old: ChannelLink[UpstreamT], messages: list[Unconfirmed]) -> None:
+        """This new upstream channel carries `old`'s client channel from now on (`old`'s
+        connection ended): the client's state moves here, and what the broker had not
+        confirmed is published here again first, in its order."""
+        self.safe = old.safe
+        prefetch.moved(old, self)
+        self.client_confirms, old.client_confirms = old.client_confirms, None
+        self.incoming, old.incoming = old.incoming, self.incoming
+        self.incoming.parts = [
+            renumbered(part, self.upstream_number, self.upstream.frame_max)
+            for part in self.incoming.parts
+        ]
+        self.owes_close_ok = old.owes_close_ok
+        self.close_for_connection = old.close_for_connection
+        self.close_confirmed = old.close_confirmed
+        old.client = None
+        if messages:
+            self.republish(messages)
+        if self.owes_close_ok:
+            self.sync()  # its answer answers the client's close (see `_settle`)
+
+    @property
+    def awaits_confirms(self) -> bool:
+        """Messages sent on the channel wait for the broker's confirm."""
+        return self.confirms is not None and bool(self.confirms.pending)
+
+    def take_unconfirmed(self) -> list[Unconfirmed]:
+        """The connection ends: what the broker has not confirmed, to be sent again."""
+        return self.confirms.take() if self.confirms is not None else []
 
     @property
     def clean(self) -> bool:
-        """Nothing sent on it can still be answered or close it: fit for another client."""
-        return not self.requests and self.publishes == self.synced_publishes
+        """Nothing sent on it can still be answered or close it, nor waits for a confirm:
+        fit for another client."""
+        return (
+            not self.requests
+            and self.publishes == self.synced_publishes
+            and not (self.awaits_confirms)
+        )
 
     @property
     def unsynced(self) -> bool:
@@ -248,10 +352,14 @@ class ChannelLink(Generic[UpstreamT]):
 
     # --- what the client does with it ---------------------------------------------------------
 
-    def not_reusable(self) -> None:
+    def not_reusable(self, pinned: bool = True) -> None:
         """The client did something whose effects outlive it on the channel (a consumer,
-        a transaction, unacked deliveries...): the channel is closed when it leaves."""
+        a transaction, unacked deliveries...): the channel is closed when it leaves.
+        `pinned`: and the client's channel could not move to another upstream channel (not
+        so after a declare, bind or delete, whose effects are not the channel's)."""
         self.safe = False
+        if pinned:
+            self.pinned = True
 
     def select_tx(self) -> None:
         """Tx.Select: from now on the proxy's own acks would join the client's transaction,
@@ -290,17 +398,22 @@ class ChannelLink(Generic[UpstreamT]):
 
     # --- the client closes or leaves ---------------------------------------------------------
 
-    def client_close(self, payload: memoryview | None, wait: bool, for_connection: bool) -> bool:
+    def client_close(
+        self, payload: memoryview | None, wait: bool, for_connection: bool, confirmed: bool
+    ) -> bool:
         """The client closes this channel (Channel.Close, or its Connection.Close). Returns
         True when the close is complete now, False when the client must wait (the broker's
-        answer is due first); the client is then told through `close_synced`."""
+        answer, or with `confirmed` its confirms, are due first); the client is then told
+        through `close_synced`."""
         self.close_for_connection = for_connection
+        self.close_confirmed = confirmed
         self.error_due = None
         if self.up is not Up.OPEN:
             # The broker closed it already; the client is told (or was) by that Close.
             return True
+        unconfirmed = confirmed and self.awaits_confirms
         if not self.safe:
-            must_wait = not for_connection or (wait and self.unsynced)
+            must_wait = not for_connection or (wait and self.unsynced) or unconfirmed
             self._close_upstream(payload)
             if must_wait:
                 self.owes_close_ok = True
@@ -313,6 +426,9 @@ class ChannelLink(Generic[UpstreamT]):
             self.owes_close_ok = True
             self.sync()
             return False
+        if unconfirmed:
+            self.owes_close_ok = True  # answered by the last confirm (see `_confirmed`)
+            return False
         self.client_left()
         return True
 
@@ -321,6 +437,9 @@ class ChannelLink(Generic[UpstreamT]):
         self.client = None
         self.owes_close_ok = self.awaits_close_ok = self.forwarding = False
         self.error_due = None
+        if self.client_confirms is not None:
+            self.client_confirms.client = None
+            self.client_confirms = None
         self.settle_after_content = False
         if self.auto_acks is not None:
             self.auto_acks.delivering = 0
@@ -330,11 +449,12 @@ class ChannelLink(Generic[UpstreamT]):
             return  # parked, closing (the CloseOk frees the number) or closed already
         if not (self.safe and self.upstream.can_park):
             self._close_upstream(None)
-        elif not self.clean:
+        elif self.requests or self.unsynced:
             if not self.requests.has(Request.MARKER):
                 self.sync()
-        else:
+        elif not self.awaits_confirms:
             self._set_up(Up.PARKED)
+        # (else parked by the last confirm: see `_confirmed`)
 
     def reuse(self, client: ClientSide, client_number: int) -> None:
         """Hand a parked upstream channel to a new client channel."""
@@ -342,6 +462,7 @@ class ChannelLink(Generic[UpstreamT]):
         self.client = client
         self.client_number = client_number
         self.safe = True
+        self.pinned = False
         self.prefetch.reused()
         self.consumer_tags = None
         self.incoming.last_publish = b""
@@ -353,11 +474,14 @@ class ChannelLink(Generic[UpstreamT]):
     def _close_upstream(self, client_close: memoryview | None) -> None:
         if not self.upstream_open:
             return
-        self._set_up(Up.CLOSING)
         if client_close is not None:
             data = frame(METHOD, self.upstream_number, client_close)
         else:
             data = m.close_frame(self.upstream_number, spec.REPLY_SUCCESS, "client disconnected")
+        if self.awaits_confirms:
+            self.close_due = data  # sent by the last confirm (see `_confirmed`)
+            return
+        self._set_up(Up.CLOSING)
         self.upstream.send(data)
 
     def client_close_ok(self) -> bool:
@@ -369,9 +493,11 @@ class ChannelLink(Generic[UpstreamT]):
         return True
 
     def upstream_gone(self) -> None:
-        """The upstream connection is gone (its clients are told at the connection level)."""
+        """The upstream connection is gone (its clients are told at the connection level;
+        what it had not confirmed was taken first: see `take_unconfirmed`)."""
         self._set_up(Up.CLOSED)
         self.requests.clear()
+        self.close_due = None
 
     # --- what the broker sends ---------------------------------------------------------------
 
@@ -386,6 +512,9 @@ class ChannelLink(Generic[UpstreamT]):
             return
         if mid == spec.CHANNEL_CLOSE_OK:
             self._close_ok()
+            return
+        if (mid == spec.BASIC_ACK or mid == spec.BASIC_NACK) and self.confirms is not None:
+            self._confirmed(mid == spec.BASIC_ACK, payload)
             return
         if mid == spec.BASIC_DELIVER:
             self.upstream.stats.delivered += 1
@@ -437,11 +566,37 @@ class ChannelLink(Generic[UpstreamT]):
             if not self.requests and self.up is Up.OPEN:
                 self.client_left()  # clean now: park it
         elif self.owes_close_ok and not (
-            self.unsynced if self.close_for_connection else self.unanswered
+            (self.unsynced if self.close_for_connection else self.unanswered)
+            or (self.close_confirmed and self.awaits_confirms)
         ):
             self._close_synced()
         elif self.error_due is not None and not self.unanswered:
             self.client.channel_error_due(self)
+
+    def _confirmed(self, ack: bool, payload: memoryview) -> None:
+        """The broker confirmed publishes: the clients that selected confirms get their own
+        answers; a nack of a message whose client did not is counted and logged (the broker
+        refused it: sending it again would not help)."""
+        assert self.confirms is not None
+        tag, flags = _ACK_ARGUMENTS.unpack_from(payload, 4)
+        answers: dict[ClientConfirms, list[int]] = {}
+        for message in self.confirms.settle(tag, bool(flags & 1)):
+            if message.confirms is not None:
+                answers.setdefault(message.confirms, []).append(message.client_seq)
+            if not ack:
+                self.upstream.stats.publish_nacks += 1
+                if message.confirms is None or message.confirms.client is None:
+                    self.confirms.buffer.refused(message)
+        for confirms, seqs in answers.items():
+            confirms.answer(seqs, ack)
+        if self.awaits_confirms:
+            return
+        if self.close_due is not None:
+            data, self.close_due = self.close_due, None
+            self._set_up(Up.CLOSING)
+            self.upstream.send(data)
+        elif not self.requests:
+            self._settle()
 
     def _proxy_reply(self, kind: Request, payload: memoryview, subject: str) -> bool:
         """A reply to a request the proxy made or rewrote; True when the client gets it."""
@@ -500,6 +655,11 @@ class ChannelLink(Generic[UpstreamT]):
             for queue in self.requests.subjects(EXCLUSIVE_DECLARES):
                 self.upstream.exclusive.orphan_failed(queue)
         self.requests.clear()
+        # the broker processed, in order, what came before the error: no confirm will come
+        # for it now, and sending it again would duplicate it
+        if self.confirms is not None:
+            self.confirms.drop()
+        self.close_due = None
         self.error_due = None  # the broker's error came first: the client gets that one
         released = self.upstream_open
         if released:

@@ -33,6 +33,7 @@ from amqproxy_mp.metrics import Disconnect
 from amqproxy_mp.proxy import exclusive, prefetch
 from amqproxy_mp.proxy.channels import ChannelLink
 from amqproxy_mp.proxy.client_connection import ENDING, ClientConnection, Phase, refuse_method
+from amqproxy_mp.proxy.confirms import Unconfirmed
 from amqproxy_mp.proxy.context import ProxyContext
 from amqproxy_mp.proxy.login import UpstreamError
 from amqproxy_mp.proxy.publishing import NO_CONTENT, Step, order_error
@@ -170,7 +171,9 @@ class ClientSession(ClientConnection):
         arguments = m.method_arguments(mid, payload)
         if mid == spec.CHANNEL_CLOSE:
             self._written()  # what it has read is acked, not requeued by the close
-            if link.client_close(payload, self.settings.wait_for_broker or not link.safe, False):
+            settings = self.settings
+            wait = settings.wait_for_broker or not link.safe
+            if link.client_close(payload, wait, False, settings.wait_for_confirms):
                 self._channel_closed(link)
         elif mid == spec.CHANNEL_OPEN:
             raise FrameError(
@@ -229,7 +232,15 @@ class ClientSession(ClientConnection):
                 if mid == spec.BASIC_RECOVER_ASYNC:  # the proxy must see where the requeue ends
                     payload = memoryview(spec.RECOVER_PAYLOAD)
                     mid, kind = spec.BASIC_RECOVER, Request.DROP
+        elif mid == spec.CONFIRM_SELECT and not link.transactional:
+            # the proxy numbers the client's publishes itself: the channel stays reusable
+            link.select_confirms()
+            self._send_method(link, mid, payload, arguments)
+            return
         elif mid == spec.TX_SELECT:
+            if link.confirms is not None and link.client_confirms is None:
+                self._select_tx_elsewhere(link, payload)
+                return
             link.select_tx()
         elif mid == spec.BASIC_CONSUME:
             queue = str(arguments[1])
@@ -255,7 +266,7 @@ class ClientSession(ClientConnection):
                 types.declared(self.vhost, str(arguments[1]), payload, arguments[7])
             kind = exclusive.declare_request(link.upstream.exclusive, self, payload, arguments)
             if kind is not Request.FORWARD:  # (the name, locked if the client leaves first)
-                link.not_reusable()
+                link.not_reusable(pinned=False)
                 self._send_method(link, mid, payload, arguments, kind, str(arguments[1]))
                 return
         elif mid == spec.QUEUE_DELETE:
@@ -274,7 +285,7 @@ class ClientSession(ClientConnection):
             self.run_paused(self._new_exchange_type(link, str(arguments[2]), bytes(payload)))
             return
         if not (mid == spec.BASIC_GET and arguments[2]):
-            link.not_reusable()
+            link.not_reusable(pinned=mid >> 16 not in spec.ENTITY_CLASSES)
         self._send_method(link, mid, payload, arguments, kind)
 
     def _send_method(
@@ -292,6 +303,45 @@ class ClientSession(ClientConnection):
             link.send_request(data, mid, kind, subject)
         else:
             link.send(data)
+
+    def _select_tx_elsewhere(
+        self, link: ChannelLink[UpstreamConnection], payload: memoryview
+    ) -> None:
+        """Tx.Select on an upstream channel in the proxy's confirm mode, which RabbitMQ
+        refuses (406). Once the broker has answered everything before it, the client's
+        channel moves to a new upstream channel on the same connection (its only state, a
+        prefetch, is set there again); the old one parks once its publishes are confirmed.
+        A channel with more state (consumers, deliveries...) cannot move: 406, documented."""
+        if link.pinned:
+            link.error_found(
+                spec.PRECONDITION_FAILED,
+                "PRECONDITION_FAILED - cannot switch from confirm to tx mode (amqproxy-mp "
+                "confirms this channel's publishes upstream: select tx before publishing on a "
+                "channel that also consumes or gets)",
+                spec.TX_SELECT,
+            )
+            return
+        self.run_paused(self._move_for_tx(link, bytes(payload)))
+
+    async def _move_for_tx(self, link: ChannelLink[UpstreamConnection], payload: bytes) -> None:
+        if not await link.when_synced() or link.client is not self or not link.client_open:
+            return  # the channel closed meanwhile: the broker would drop this
+        number = link.client_number
+        moved = link.upstream.allocate(self, number)
+        if moved is None:
+            link.error_found(
+                spec.PRECONDITION_FAILED,
+                "PRECONDITION_FAILED - cannot switch from confirm to tx mode (no upstream "
+                "channel free to move to)",
+                spec.TX_SELECT,
+            )
+            return
+        moved.took_over(link, [])
+        self.channels[number] = moved
+        link.client_left()
+        moved.select_tx()
+        moved.not_reusable()
+        self._send_method(moved, spec.TX_SELECT, payload, [])
 
     async def _bind_locked(
         self, link: ChannelLink[UpstreamConnection], mid: int, payload: bytes, arguments: list[Any]
@@ -467,6 +517,73 @@ class ClientSession(ClientConnection):
         if upstream.write_paused:
             upstream.hold(self)
 
+    # --- moving to another upstream connection ---------------------------------------------
+
+    def movable(self, upstream: UpstreamConnection) -> bool:
+        """The client could go on through another upstream connection without noticing
+        (only published, declared and the like there: see ChannelLink.movable)."""
+        return (
+            (self.phase is Phase.ACTIVE or self.phase is Phase.CLIENT_CLOSING)
+            and not self._parsing_paused
+            and self.pool is not None
+            and all(
+                link.upstream is upstream and link.movable
+                for link in self.channels.values()
+                if link.client is self  # (not a channel it left, closing, for the next client)
+            )
+        )
+
+    def move_from(
+        self,
+        upstream: UpstreamConnection,
+        moving: list[tuple[Any, list[Any]]],
+        close: tuple[int, str, int, int],
+    ) -> None:
+        """The upstream connection ended: the client's channels go on through another one
+        (a new one if none takes channels, on a node that is up), where what the broker had
+        not confirmed is published again first. Nothing is read from the client meanwhile.
+        `moving`: each of its links, with what the broker had not confirmed on it; `close`:
+        what the client is told if no connection is to be had (the broker's Close)."""
+        self.run_paused(self._move(upstream, moving, close))
+
+    async def _move(
+        self,
+        upstream: UpstreamConnection,
+        moving: list[tuple[ChannelLink[UpstreamConnection], list[Unconfirmed]]],
+        close: tuple[int, str, int, int],
+    ) -> None:
+        assert self.pool is not None
+        unconfirmed = [message for _, messages in moving for message in messages]
+        try:
+            conn = await self.pool.usable_connection()
+        except UpstreamError as exc:
+            log.info("client %s could not move from %s: %s", self.peer, upstream.name, exc.text)
+            if unconfirmed:
+                self.pool.resend(unconfirmed, f"{upstream.name} (client {self.peer})")
+            self.close_with(*close)
+            return
+        if self.phase is not Phase.ACTIVE and self.phase is not Phase.CLIENT_CLOSING:
+            if unconfirmed:  # it left meanwhile
+                self.pool.resend(unconfirmed, f"{upstream.name} (client {self.peer})")
+            return
+        self.home = conn
+        for old, messages in moving:
+            new = conn.allocate(self, old.client_number)
+            assert new is not None  # (a usable connection takes channels)
+            new.took_over(old, messages)
+            self.channels[old.client_number] = new
+        self.stats.clients_moved += 1
+        log.info(
+            "client %s (user=%r vhost=%r) moved from %s to %s with %d channels, %d messages "
+            "sent again",
+            self.peer, self.user, self.vhost, upstream.name, conn.name, len(moving),
+            len(unconfirmed),
+        )  # fmt: skip
+        if conn.blocked is not None:
+            self.upstream_blocked(conn)
+        if conn.write_paused:
+            conn.hold(self)
+
     # --- frames from the broker -----------------------------------------------------------
 
     def deliver(self, frame_type: int, channel: int, payload: memoryview) -> None:
@@ -507,7 +624,7 @@ class ClientSession(ClientConnection):
                 if link.owes_close_ok:
                     pending += 1  # its Channel.Close is under way: that answer comes first
                 elif (link.client_open or link.error_due) and not link.client_close(
-                    None, True, True
+                    None, True, True, self.settings.wait_for_confirms
                 ):
                     pending += 1
         return pending

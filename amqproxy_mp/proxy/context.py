@@ -54,8 +54,11 @@ class ClientSettings:
     max_buffer: int
     #: Larger messages get 406, as RabbitMQ's max_message_size (max_message_size).
     max_message_size: int
-    #: close_policy processed: a close is answered once the broker processed what came before.
+    #: close_policy processed (or confirmed): a close is answered once the broker processed
+    #: what came before.
     wait_for_broker: bool
+    #: close_policy confirmed: and once the broker confirmed the client's publishes.
+    wait_for_confirms: bool
     #: Prefetch of the consumers the proxy gives a window to (consumer_window).
     consumer_window: int
     #: Clients past Connection.OpenOk per worker (max_client_connections; 0: no limit).
@@ -127,6 +130,7 @@ def build_context(
             max_lifetime=config.upstream_max_lifetime,
             idle_timeout=config.idle_connection_timeout,
             rebalance=config.upstream_rebalance,
+            unconfirmed_buffer=config.unconfirmed_buffer,
         ),
         nodes,
     )
@@ -144,7 +148,8 @@ def build_context(
         settings=ClientSettings(
             max_buffer=config.client_max_buffer,
             max_message_size=config.max_message_size,
-            wait_for_broker=config.close_policy == "processed",
+            wait_for_broker=config.close_policy != "local",
+            wait_for_confirms=config.close_policy == "confirmed",
             consumer_window=config.consumer_window,
             max_connections=config.max_client_connections,
             handshake_timeout=config.client_handshake_timeout,

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from amqproxy_mp.amqp.spec import CONNECTION_FORCED, RESOURCE_ERROR
 from amqproxy_mp.metrics import Stats
 from amqproxy_mp.proxy.channels import ChannelLink, Up
+from amqproxy_mp.proxy.confirms import Unconfirmed, UnconfirmedBuffer
 from amqproxy_mp.proxy.connect import CLIENTS_ANSWER, complete_upstream, open_upstream
 from amqproxy_mp.proxy.login import Login, UpstreamError, UpstreamSettings
-from amqproxy_mp.proxy.nodes import Nodes
+from amqproxy_mp.proxy.nodes import Nodes, NodeState
 from amqproxy_mp.proxy.sides import ClientSide
 from amqproxy_mp.proxy.upstream import UpstreamConnection
 
@@ -47,6 +48,8 @@ class PoolSettings:
     idle_timeout: float
     #: Close connections no client uses on nodes with more than their share (several nodes).
     rebalance: bool = False
+    #: Bytes of unconfirmed messages a worker keeps before it holds publishers.
+    unconfirmed_buffer: int = 64 * 1024 * 1024
 
 
 class Pool:
@@ -60,6 +63,8 @@ class Pool:
         self._opening: asyncio.Future[UpstreamConnection] | None = None
         #: Clean upstream channels whose clients left (PARKED), most recently parked last.
         self._parked: dict[ChannelLink[UpstreamConnection], None] = {}
+        #: Re-sends under way (see `resend`): the pool is kept until they are done.
+        self.resending = 0
 
     async def authenticate(self, tuned: UpstreamConnection | None = None) -> None:
         """Succeed when the broker lets these credentials open this vhost (a pooled
@@ -175,6 +180,76 @@ class Pool:
         finally:
             conn.close(f"{purpose} done")
 
+    async def usable_connection(self) -> UpstreamConnection:
+        """A connection that takes channels: one of the pool's (with several nodes, not one
+        on a node that just failed under another connection), or a new one."""
+        several = self.pools.nodes.several
+        for conn in self.connections:
+            if conn.is_usable and not (several and conn.node.state is NodeState.DOWN):
+                return conn
+        return await self.open_connection()
+
+    @property
+    def unconfirmed(self) -> UnconfirmedBuffer:
+        return self.pools.unconfirmed
+
+    def resend(self, messages: list[Unconfirmed], lost: str) -> None:
+        """Publish again, in their order, messages whose upstream connection ended before the
+        broker confirmed them: on a connection of this pool that takes channels, else on a
+        new one (on a node that is up), retrying until one is had."""
+        self.resending += 1
+        log.warning(
+            "upstream connection %s ended with %d messages unconfirmed: sending them again",
+            lost, len(messages),
+        )  # fmt: skip
+        task = asyncio.ensure_future(self._resend(messages))
+        self.pools.tasks.add(task)
+        task.add_done_callback(self.pools.tasks.discard)
+
+    async def _resend(self, messages: list[Unconfirmed]) -> None:
+        delay = 0.5
+        try:
+            while True:
+                try:
+                    conn = await self.usable_connection()
+                except UpstreamError as exc:
+                    if exc.code in CLIENTS_ANSWER:  # the credentials or vhost are gone
+                        log.error(
+                            "%d unconfirmed messages (user=%r vhost=%r) cannot be sent again: "
+                            "%s", len(messages), self.user, self.vhost, exc.text,
+                        )  # fmt: skip
+                        self._drop(messages)
+                        messages = []
+                        return
+                    log.warning(
+                        "cannot send %d unconfirmed messages again yet (user=%r vhost=%r): "
+                        "%s; retrying in %g s",
+                        len(messages), self.user, self.vhost, exc.text, delay,
+                    )  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                link = conn.allocate(None, 0)
+                if link is None:  # no channel number left there: a connection of its own
+                    await self.open_connection()
+                    continue
+                link.republish(messages)
+                log.info("sent %d unconfirmed messages again through %s", len(messages), conn.name)
+                messages = []
+                return
+        finally:
+            self.resending -= 1
+            if messages:  # cancelled (the worker stops): they are lost
+                self._drop(messages)
+                log.error(
+                    "%d unconfirmed messages (user=%r vhost=%r) could not be sent again",
+                    len(messages), self.user, self.vhost,
+                )  # fmt: skip
+            self.pools.forget_if_unused(self)
+
+    def _drop(self, messages: list[Unconfirmed]) -> None:
+        self.unconfirmed.removed(len(messages), sum(len(m.data) for m in messages))
+
     def connection_gone(self, conn: UpstreamConnection) -> None:
         if conn in self.connections:
             self.connections.remove(conn)
@@ -253,6 +328,10 @@ class Pools:
         #: The broker's nodes: which are up, and where a new connection goes.
         self.nodes = nodes
         self._pools: dict[Credentials, Pool] = {}
+        #: The worker's unconfirmed messages (confirms.py).
+        self.unconfirmed = UnconfirmedBuffer(settings.unconfirmed_buffer)
+        #: Re-sends under way (see Pool.resend).
+        self.tasks: set[asyncio.Future[None]] = set()
         #: Logins being checked, by (user, password).
         self.logins: dict[tuple[str, str], PendingLogin] = {}
 
@@ -289,7 +368,12 @@ class Pools:
 
     def forget_if_unused(self, pool: Pool) -> None:
         """Drop a pool that serves nobody (e.g. after a failed login) so pools cannot pile up."""
-        unused = not pool.connections and not pool.clients and pool._opening is None
+        unused = (
+            not pool.connections
+            and not pool.clients
+            and pool._opening is None
+            and not pool.resending
+        )
         if unused and self._pools.get(pool.credentials) is pool:
             del self._pools[pool.credentials]
 

@@ -69,6 +69,17 @@ def set_prefetch(link: Link, count: int, global_: bool, kind: Request) -> None:
     link.send_request(qos, spec.BASIC_QOS, kind)
 
 
+def moved(old: Link, new: Link) -> None:
+    """The client's channel moves to a new upstream channel: the prefetch it set follows."""
+    before = old.prefetch
+    if before.consumer_set and before.consumer:
+        set_prefetch(new, before.consumer, False, Request.DROP)
+    if before.global_set and before.global_:
+        set_prefetch(new, before.global_, True, Request.DROP)
+    new.prefetch.consumer_set = before.consumer_set
+    new.prefetch.global_set = before.global_set
+
+
 def answer_qos(link: Link, size: int, count: int, global_: bool) -> bool:
     """The client's Basic.Qos: True when the proxy answers it now (the client gets QosOk),
     False when the broker's answer goes to the client (one of its replies is due first)."""

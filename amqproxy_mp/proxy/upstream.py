@@ -23,6 +23,7 @@ from amqproxy_mp.amqp.transport import DEFAULT_FRAME_MAX, FramedProtocol
 from amqproxy_mp.metrics import Stats
 from amqproxy_mp.proxy.channel_numbers import ChannelNumbers
 from amqproxy_mp.proxy.channels import ChannelLink
+from amqproxy_mp.proxy.confirms import Unconfirmed, UnconfirmedBuffer
 from amqproxy_mp.proxy.exclusive import ExclusiveQueues
 from amqproxy_mp.proxy.login import Login, UpstreamError, UpstreamSettings
 from amqproxy_mp.proxy.nodes import Node, Nodes
@@ -180,7 +181,7 @@ class UpstreamConnection(FramedProtocol):
         self._close_reason = reason
         self._uncount()  # (a closing connection is not the node's any more: see rebalancing)
         self._leave_pool()
-        self._channels_gone()
+        self._channels_gone(reason)
         self._let_clients_go()
         self.send(m.encode_method(0, commands.Connection.Close(spec.REPLY_SUCCESS, reason, 0, 0)))
         self.loop.call_later(5.0, self.abort)
@@ -375,6 +376,7 @@ class UpstreamConnection(FramedProtocol):
                 close.reply_text + self.where,
                 close.class_id or 0,
                 close.method_id or 0,
+                move=close.reply_code == spec.CONNECTION_FORCED,
             )
             self.close_transport()
         elif mid == spec.CONNECTION_CLOSE_OK:
@@ -446,15 +448,33 @@ class UpstreamConnection(FramedProtocol):
         self._close_clients(code, text, 0, 0)
         self.abort()
 
-    def _close_clients(self, code: int, text: str, class_id: int, method_id: int) -> None:
+    def _close_clients(
+        self, code: int, text: str, class_id: int, method_id: int, move: bool = True
+    ) -> None:
+        """The connection ended under its clients. Those that only published (and the like)
+        here go on through another connection (`move`); the others, with a channel here or
+        exclusive queues it takes with it, are closed with the broker's code and text (a
+        client with neither loses nothing: it carries on elsewhere)."""
         self._end_probe(code, text)
-        # those with a channel here, and those whose exclusive queues it takes with it (a
-        # client with neither loses nothing: it carries on elsewhere)
-        clients = {id(c): c for c in self.exclusive.owners()}
-        clients.update((id(c), c) for c in self.clients())
-        self._channels_gone()
+        closing = {id(c): c for c in self.exclusive.owners()}
+        moving: dict[int, list[tuple[ChannelLink[UpstreamConnection], list[Unconfirmed]]]] = {}
+        movers = []
+        for client in self.clients():
+            if id(client) in closing:
+                continue
+            if move and client.movable(self):
+                moving[id(client)] = []
+                movers.append(client)
+            else:
+                closing[id(client)] = client
+        for link in self.channels.values():
+            if link.client is not None and id(link.client) in moving:
+                moving[id(link.client)].append((link, link.take_unconfirmed()))
+        self._channels_gone(text)
         self._let_clients_go()
-        for client in clients.values():
+        for client in movers:
+            client.move_from(self, moving[id(client)], (code, text, class_id, method_id))
+        for client in closing.values():
             client.close_with(code, text, class_id, method_id)
 
     def clients(self) -> list[ClientSide]:
@@ -498,10 +518,22 @@ class UpstreamConnection(FramedProtocol):
         """A channel of the proxy's own, given back once its requests are answered."""
         return self.allocate(None, 0) if self.is_open else None
 
-    def _channels_gone(self) -> None:
+    def _channels_gone(self, why: str) -> None:
+        """The connection ends: its channels with it. What the broker had not confirmed on
+        them goes to the pool, to be sent again through another connection (the clients
+        still here are told after this: their next connection's publishes come after it)."""
+        unconfirmed = []
         for link in self.channels.values():
+            unconfirmed += link.take_unconfirmed()
             link.upstream_gone()
         self.channels.clear()
+        if unconfirmed and self.pool is not None:
+            self.pool.resend(unconfirmed, f"{self.name}: {why}")
+
+    @property
+    def unconfirmed(self) -> UnconfirmedBuffer:
+        assert self.pool is not None  # (channels exist only once the vhost is open)
+        return self.pool.unconfirmed
 
     def hold(self, client: ClientSide) -> None:
         """Stop reading a client that publishes here while the broker does not read."""

@@ -1,8 +1,9 @@
 <?php
 // The PHP-FPM pattern with php-amqp: COUNT x (connect, AMQPChannel, publish 100 B, disconnect),
 // timed one by one with hrtime. Prints JSON: cycles, total_s, p50_ms, p99_ms.
-// usage: php cycle.php HOST PORT USER PASSWORD VHOST ROUTING_KEY COUNT
+// usage: php cycle.php HOST PORT USER PASSWORD VHOST ROUTING_KEY COUNT [DELIVERY_MODE]
 [$_, $host, $port, $user, $password, $vhost, $routingKey, $count] = $argv;
+$deliveryMode = (int)($argv[8] ?? 1);
 $count = (int)$count;
 $body = str_repeat('x', 100);
 $times = [];
@@ -24,7 +25,7 @@ try {
         $channel = new AMQPChannel($conn);
         $exchange = new AMQPExchange($channel);
         $exchange->setName('');
-        $exchange->publish($body, $routingKey);
+        $exchange->publish($body, $routingKey, AMQP_NOPARAM, ['delivery_mode' => $deliveryMode]);
         $conn->disconnect();
         $times[] = hrtime(true) - $t0;
     }

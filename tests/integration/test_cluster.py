@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pika
 import pika.exceptions
 import pytest
 
+from tests.support import publishers
 from tests.support.cluster import (
     BASE,
     SHARED_PORT,
@@ -33,7 +32,6 @@ from tests.support.util import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
-PHP = Path(__file__).parent / "php" / "cycles.php"
 QUORUM = {"x-queue-type": "quorum"}
 
 
@@ -83,44 +81,19 @@ def connection_nodes(cluster: Cluster, users: str = "") -> dict[str, int]:
 
 
 def php_cycles(p: ProxyProcess, queue: str, seconds: float) -> subprocess.Popen[str]:
-    """A php-amqp client doing the PHP cycle for `seconds`; its lines go to a file (a pipe
-    nobody reads until the end would fill up and stop it)."""
-    out = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read and closed by cycles_of
-    proc = subprocess.Popen(
-        ["php", str(PHP), p.host, str(p.port), "guest", "guest", "/", queue, str(seconds)],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    proc.output = out  # type: ignore[attr-defined]
-    return proc
-
-
-def cycles_of(processes: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
-    found = []
-    for proc in processes:
-        proc.wait(timeout=120)
-        out = proc.output  # type: ignore[attr-defined]
-        out.seek(0)
-        lines = out.read().splitlines()
-        out.close()
-        assert lines, "php printed nothing"
-        try:
-            found.extend(json.loads(line) for line in lines)
-        except json.JSONDecodeError:
-            raise AssertionError("\n".join(lines[-20:])) from None
-    return sorted(found, key=lambda c: c["t"])
+    return publishers.php_cycles(p.host, p.port, queue, seconds)
 
 
 class ConfirmingPublisher(threading.Thread):
     """Publishes with confirms through the proxy until stopped; reconnects when told to go
-    away. `confirmed` is what the broker confirmed."""
+    away (`failures`). `confirmed` is what the broker confirmed, `nacked` what it refused."""
 
     def __init__(self, p: ProxyProcess, queue: str) -> None:
         super().__init__(daemon=True)
         self.p, self.queue = p, queue
         self.confirmed: list[str] = []
         self.failures = 0
+        self.nacked = 0
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -135,7 +108,13 @@ class ConfirmingPublisher(threading.Thread):
                 while not self.stopping.is_set():
                     body = f"confirmed-{i:06d}"
                     i += 1
-                    ch.basic_publish("", self.queue, body.encode(), mandatory=False)
+                    try:
+                        ch.basic_publish("", self.queue, body.encode(), mandatory=False)
+                    except pika.exceptions.NackError:
+                        # the broker's refusal (a quorum queue electing a new leader nacks),
+                        # as it would be directly
+                        self.nacked += 1
+                        continue
                     self.confirmed.append(body)  # (basic_publish returns once confirmed)
                 conn.close()
             except (pika.exceptions.AMQPError, OSError):
@@ -144,14 +123,15 @@ class ConfirmingPublisher(threading.Thread):
 
 
 def queue_bodies(node: ClusterNode, queue: str) -> set[str]:
+    return set(ordered_bodies(node, queue))
+
+
+def ordered_bodies(node: ClusterNode, queue: str) -> list[str]:
     conn = direct(node)
     ch = conn.channel()
-    bodies = set()
-    while True:
-        method, _, body = ch.basic_get(queue, auto_ack=True)
-        if method is None:
-            break
-        bodies.add(body.decode())
+    bodies = []
+    while (got := ch.basic_get(queue, auto_ack=True))[0] is not None:
+        bodies.append(got[2].decode())
     conn.close()
     return bodies
 
@@ -176,7 +156,7 @@ def test_a_node_killed_under_load_fails_only_what_was_in_flight(
     assert all(proc.poll() is None for proc in php), "the PHP clients ended before the kill"
     victim.kill()
     killed_at = time.time()
-    cycles = cycles_of(php)
+    cycles = publishers.cycles_of(php)
     time.sleep(1)
     publisher.stopping.set()
     publisher.join(timeout=30)
@@ -191,6 +171,8 @@ def test_a_node_killed_under_load_fails_only_what_was_in_flight(
     assert latencies[int(len(latencies) * 0.99) - 1] < 1000, latencies[-10:]
     survivor = next(n for n in cluster.nodes if n is not victim)
     assert set(publisher.confirmed) <= queue_bodies(survivor, queue)
+    # it only published: it went on through another node, its connection never closed
+    assert publisher.failures == 0, publisher.failures
     assert metric_sample(p.http_port, "amqproxy_upstream_failovers_total") >= 1
     assert metric_sample(p.http_port, "amqproxy_upstream_node_up", node=victim.url) == 0
     status, text = http_request(p.http_port, "/healthz")
@@ -207,15 +189,32 @@ def test_a_drained_node_gets_no_new_connections_and_is_used_again_once_revived(
     reconnect elsewhere and no new connection fails; after `revive` it is used again."""
     p = proxy_for(proxy_factory, cluster, "--upstream-policy", "ordered")
     first = cluster.nodes[0]
-    conn = p.connect()
-    conn.channel()
+    queue = f"itest-drain-{uuid.uuid4().hex[:8]}"
+    setup = direct(cluster.nodes[1])
+    setup.channel().queue_declare(queue, durable=True, arguments=QUORUM)
+    setup.close()
+    consumer = p.connect()  # (a consumer cannot move: it is closed)
+    consumer.channel().basic_consume(queue, lambda *_: None)
+    publisher = p.connect("guest", "guest")
+    ch = publisher.channel()
+    ch.confirm_delivery()
+    ch.basic_publish("", queue, b"0")
     assert connection_nodes(cluster)[first.name] == 1
     subprocess.run(["rabbitmq-upgrade", "-n", first.name, "drain"], check=True, timeout=60,
                    capture_output=True)  # fmt: skip
     with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:
         while True:
-            conn.process_data_events(time_limit=0.2)
+            consumer.process_data_events(time_limit=0.2)
     assert closed.value.reply_code == 320 and first.url in closed.value.reply_text
+    # the publisher goes on through another node without noticing, in order
+    for i in range(1, 50):
+        ch.basic_publish("", queue, str(i).encode())
+    publisher.close()
+    p.wait_log(r"client .* moved from " + re.escape(first.url))
+    assert ordered_bodies(cluster.nodes[1], queue) == [str(i) for i in range(50)]
+    cleanup = direct(cluster.nodes[1])
+    cleanup.channel().queue_delete(queue)
+    cleanup.close()
     for _ in range(20):  # new clients: none fails, none goes to the drained node
         c = p.connect()
         c.channel().queue_declare("", exclusive=True)
@@ -390,7 +389,7 @@ def test_a_rolling_restart_under_load_fails_only_what_was_in_flight(
         node.restart()
         time.sleep(1)
     assert time.time() - stops[0][0] < 70, "the restarts outlasted the PHP clients"
-    cycles = cycles_of(php)
+    cycles = publishers.cycles_of(php)
     publisher.stopping.set()
     publisher.join(timeout=30)
     watching.set()

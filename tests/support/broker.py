@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import pika
@@ -79,6 +80,18 @@ def close_broker_connection(peer_port: int, reason: str) -> None:
             rabbitmqctl("close_connection", parts[1].strip(), reason)
             return
     raise AssertionError(f"no broker connection from peer port {peer_port}:\n{out}")
+
+
+def close_broker_connections(peer_ports: Iterable[int], reason: str) -> int:
+    """`close_broker_connection` on each of these that is still there; how many it closed."""
+    closed = 0
+    for port in peer_ports:
+        try:
+            close_broker_connection(port, reason)
+            closed += 1
+        except (AssertionError, RuntimeError):
+            pass  # gone meanwhile
+    return closed
 
 
 def memory_high_watermark() -> list[str]:

@@ -17,19 +17,38 @@ class Relay:
 
         self.target_port = target_port
         self._held = threading.Event()
+        self._held_to_broker = threading.Event()
         self._sockets: list[socket.socket] = []
+        self._cut: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def hold(self) -> None:
-        """Stop passing on what the broker sends (it queues up in the relay)."""
+    def hold(self, to_broker: bool = False) -> None:
+        """Stop passing on what the broker sends (it queues up in the relay), and with
+        `to_broker` what is sent to it too."""
         self._held.set()
+        if to_broker:
+            self._held_to_broker.set()
 
     def release(self) -> None:
         self._held.clear()
+        self._held_to_broker.clear()
+
+    def cut(self) -> None:
+        """Drop the connections relayed so far, and what they hold: the broker never gets
+        it, nor the proxy the broker's answers. New connections pass freely."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+            self._cut.update(sockets)
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+        self.release()
 
     def close(self) -> None:
         self._stop.set()
@@ -72,7 +91,10 @@ class Relay:
                 pass
             except OSError:
                 break
-            if pending and not (from_broker and self._held.is_set()):
+            if source in self._cut or sink in self._cut:
+                return  # (what it held is dropped)
+            held = self._held if from_broker else self._held_to_broker
+            if pending and not held.is_set():
                 try:
                     sink.sendall(pending)
                 except OSError:
