@@ -317,9 +317,10 @@ class Worker:
             for session in list(self.ctx.sessions):
                 session.abort()
         unconfirmed = self.ctx.pools.unconfirmed
-        if unconfirmed.count:
+        if unconfirmed.count or self.ctx.pools.tasks:
             log.info("waiting up to 5 s for the broker to confirm %d messages", unconfirmed.count)
             await self._wait_until(lambda: not unconfirmed.count, 5.0)
+        self.ctx.pools.closing = True
         if unconfirmed.count:
             log.error(
                 "shutting down with %d messages the broker has not confirmed: they may be lost",

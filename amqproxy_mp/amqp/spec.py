@@ -60,8 +60,9 @@ BASIC_RECOVER_ASYNC: Final = B.RecoverAsync.index
 BASIC_RECOVER_OK: Final = B.RecoverOk.index
 TX_SELECT: Final = commands.Tx.Select.index
 CONFIRM_SELECT: Final = commands.Confirm.Select.index
-#: Exchange and Queue: their methods act on the vhost's entities, not on the channel.
-ENTITY_CLASSES: Final = frozenset((40, 50))
+#: The methods after which a channel holds state only its upstream channel has: consumers,
+#: unacked deliveries, a transaction (the client's channel cannot move to another one).
+PINNING_METHODS: Final = frozenset((B.Consume.index, B.Get.index, commands.Tx.Select.index))
 
 # Reply codes (AMQP 0-9-1 constants, as RabbitMQ uses them).
 REPLY_SUCCESS: Final = 200

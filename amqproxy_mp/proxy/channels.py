@@ -202,6 +202,12 @@ class ChannelLink(Generic[UpstreamT]):
     def send(self, data: bytes) -> None:
         self.upstream.send(data)
 
+    def send_nowait(self, data: bytes) -> None:
+        """A method without a reply (a nowait declare...): the channel can no longer move,
+        as nothing would tell whether the broker had it when its connection ended."""
+        self.pinned = True
+        self.upstream.send(data)
+
     def send_request(
         self,
         data: bytes,
@@ -302,10 +308,18 @@ class ChannelLink(Generic[UpstreamT]):
         self.close_for_connection = old.close_for_connection
         self.close_confirmed = old.close_confirmed
         old.client = None
+        if self.client_confirms is not None and self.confirms is None:
+            self._select_confirms()  # (the client's confirm mode: its Tx.Select stays a 406)
         if messages:
             self.republish(messages)
         if self.owes_close_ok:
             self.sync()  # its answer answers the client's close (see `_settle`)
+
+    def _detach_confirms(self) -> None:
+        """The client is gone from the channel: answers to its publishes are dropped."""
+        if self.client_confirms is not None:
+            self.client_confirms.client = None
+            self.client_confirms = None
 
     @property
     def awaits_confirms(self) -> bool:
@@ -355,8 +369,9 @@ class ChannelLink(Generic[UpstreamT]):
     def not_reusable(self, pinned: bool = True) -> None:
         """The client did something whose effects outlive it on the channel (a consumer,
         a transaction, unacked deliveries...): the channel is closed when it leaves.
-        `pinned`: and the client's channel could not move to another upstream channel (not
-        so after a declare, bind or delete, whose effects are not the channel's)."""
+        `pinned`: and the client's channel could not move to another upstream channel
+        (spec.PINNING_METHODS; not so after a declare, bind or delete, whose effects are
+        not the channel's)."""
         self.safe = False
         if pinned:
             self.pinned = True
@@ -419,6 +434,7 @@ class ChannelLink(Generic[UpstreamT]):
                 self.owes_close_ok = True
                 return False
             self.client = None
+            self._detach_confirms()
             return True
         # after a Connection.Close the client discards everything but the CloseOk: only
         # what it published matters then
@@ -437,9 +453,7 @@ class ChannelLink(Generic[UpstreamT]):
         self.client = None
         self.owes_close_ok = self.awaits_close_ok = self.forwarding = False
         self.error_due = None
-        if self.client_confirms is not None:
-            self.client_confirms.client = None
-            self.client_confirms = None
+        self._detach_confirms()
         self.settle_after_content = False
         if self.auto_acks is not None:
             self.auto_acks.delivering = 0
@@ -503,7 +517,9 @@ class ChannelLink(Generic[UpstreamT]):
 
     def broker_method(self, mid: int, payload: memoryview) -> None:
         """A method from the broker on this channel: update the state, pass it on or not."""
-        forward = self.client is not None and not self.awaits_close_ok
+        # (a client whose close waits for the last confirm gets nothing more, as after the
+        # broker's close: deliveries stay unacked, and are requeued by the close)
+        forward = self.client is not None and not self.awaits_close_ok and self.close_due is None
         if mid in spec.REPLIES:
             self._reply(mid, payload, forward)
             return
@@ -568,6 +584,7 @@ class ChannelLink(Generic[UpstreamT]):
         elif self.owes_close_ok and not (
             (self.unsynced if self.close_for_connection else self.unanswered)
             or (self.close_confirmed and self.awaits_confirms)
+            or self.close_due is not None  # (answered by the broker's CloseOk)
         ):
             self._close_synced()
         elif self.error_due is not None and not self.unanswered:
@@ -578,6 +595,7 @@ class ChannelLink(Generic[UpstreamT]):
         answers; a nack of a message whose client did not is counted and logged (the broker
         refused it: sending it again would not help)."""
         assert self.confirms is not None
+        self.forwarding = False  # (a Return's content, if any, is complete)
         tag, flags = _ACK_ARGUMENTS.unpack_from(payload, 4)
         answers: dict[ClientConfirms, list[int]] = {}
         for message in self.confirms.settle(tag, bool(flags & 1)):

@@ -102,7 +102,7 @@ class ClientSession(ClientConnection):
                 incoming.start(payload, link.upstream_number)
                 return
             if mid in spec.DELIVERY_ACKS:
-                link.not_reusable()
+                link.not_reusable(pinned=False)  # (what it acks came after a pinning method)
                 if len(payload) != spec.DELIVERY_ACK_SIZE:
                     m.method_arguments(mid, payload)  # raises the broker's FRAME_ERROR
                 if link.auto_acks is None or link.auto_acks.client_acked(payload):
@@ -183,7 +183,7 @@ class ClientSession(ClientConnection):
             if not arguments[0]:
                 # RabbitMQ does not implement stopping a channel's flow (540)
                 raise FrameError(spec.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - active=false", 20, 20)
-            link.not_reusable()
+            link.not_reusable(pinned=False)
             link.send_request(frame(METHOD, link.upstream_number, payload), mid)
 
     def _channel_closed(self, link: ChannelLink[UpstreamConnection]) -> None:
@@ -285,7 +285,7 @@ class ClientSession(ClientConnection):
             self.run_paused(self._new_exchange_type(link, str(arguments[2]), bytes(payload)))
             return
         if not (mid == spec.BASIC_GET and arguments[2]):
-            link.not_reusable(pinned=mid >> 16 not in spec.ENTITY_CLASSES)
+            link.not_reusable(pinned=mid in spec.PINNING_METHODS)
         self._send_method(link, mid, payload, arguments, kind)
 
     def _send_method(
@@ -302,7 +302,7 @@ class ClientSession(ClientConnection):
         if mid in spec.SYNCHRONOUS and (nowait is None or not arguments[nowait]):
             link.send_request(data, mid, kind, subject)
         else:
-            link.send(data)
+            link.send_nowait(data)
 
     def _select_tx_elsewhere(
         self, link: ChannelLink[UpstreamConnection], payload: memoryview
@@ -553,31 +553,34 @@ class ClientSession(ClientConnection):
         close: tuple[int, str, int, int],
     ) -> None:
         assert self.pool is not None
-        unconfirmed = [message for _, messages in moving for message in messages]
+        pool = self.pool
+        count = sum(len(messages) for _, messages in moving)
         try:
-            conn = await self.pool.usable_connection()
+            conn = await pool.usable_connection(len(moving))
         except UpstreamError as exc:
             log.info("client %s could not move from %s: %s", self.peer, upstream.name, exc.text)
-            if unconfirmed:
-                self.pool.resend(unconfirmed, f"{upstream.name} (client {self.peer})")
             self.close_with(*close)
             return
-        if self.phase is not Phase.ACTIVE and self.phase is not Phase.CLIENT_CLOSING:
-            if unconfirmed:  # it left meanwhile
-                self.pool.resend(unconfirmed, f"{upstream.name} (client {self.peer})")
+        finally:
+            # (the client went meanwhile, or cannot move: its messages are sent again)
+            if self.phase is not Phase.ACTIVE and self.phase is not Phase.CLIENT_CLOSING:
+                unsent = [messages for _, messages in moving if messages]
+                moving = []
+                if unsent:
+                    pool.resend(unsent, f"{upstream.name} (client {self.peer})")
+        if not moving:
             return
         self.home = conn
         for old, messages in moving:
             new = conn.allocate(self, old.client_number)
-            assert new is not None  # (a usable connection takes channels)
+            assert new is not None  # (usable_connection found room for them all)
             new.took_over(old, messages)
             self.channels[old.client_number] = new
         self.stats.clients_moved += 1
         log.info(
             "client %s (user=%r vhost=%r) moved from %s to %s with %d channels, %d messages "
             "sent again",
-            self.peer, self.user, self.vhost, upstream.name, conn.name, len(moving),
-            len(unconfirmed),
+            self.peer, self.user, self.vhost, upstream.name, conn.name, len(moving), count,
         )  # fmt: skip
         if conn.blocked is not None:
             self.upstream_blocked(conn)

@@ -17,7 +17,7 @@ import time
 from typing import Final, Protocol
 
 from amqproxy_mp.amqp import spec
-from amqproxy_mp.amqp.frames import HEADER_SIZE, METHOD, frame
+from amqproxy_mp.amqp.frames import HEADER_SIZE, METHOD
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ _ACK: Final = struct.Struct(">IQB")
 class ConfirmsClient(Protocol):
     """A client session, as far as confirms need it."""
 
-    def send(self, data: bytes) -> None: ...
+    def deliver(self, frame_type: int, channel: int, payload: memoryview) -> None: ...
 
     def hold_reading(self, holder: object) -> None: ...
 
@@ -64,19 +64,22 @@ class ClientConfirms:
         last = seqs[-1]
         if ack and len(seqs) > 1 and (not unanswered or next(iter(unanswered)) > last):
             # every earlier number is answered: one multiple ack says it
-            client.send(frame(METHOD, self.number, _ACK.pack(spec.BASIC_ACK, last, 1)))
+            client.deliver(METHOD, self.number, memoryview(_ACK.pack(spec.BASIC_ACK, last, 1)))
             return
         mid = spec.BASIC_ACK if ack else spec.BASIC_NACK
-        client.send(b"".join(frame(METHOD, self.number, _ACK.pack(mid, s, 0)) for s in seqs))
+        for seq in seqs:
+            client.deliver(METHOD, self.number, memoryview(_ACK.pack(mid, seq, 0)))
 
 
 class Unconfirmed:
     """One message the broker has not confirmed: its frames as last sent, and whose it is."""
 
-    __slots__ = ("client_seq", "confirms", "data")
+    __slots__ = ("client_seq", "confirms", "data", "size")
 
     def __init__(self, data: bytes, confirms: ClientConfirms | None) -> None:
         self.data = data
+        #: What the buffer counts for it (its data may be re-split for another channel).
+        self.size = len(data)
         #: The client's own confirm mode, when it selected one, and its number there.
         self.confirms = confirms
         self.client_seq = confirms.numbered() if confirms is not None else 0
@@ -165,7 +168,7 @@ class UpstreamConfirms:
     def add(self, message: Unconfirmed, client: ConfirmsClient | None) -> None:
         self.pending[self.next_seq] = message
         self.next_seq += 1
-        self.buffer.added(len(message.data), client)
+        self.buffer.added(message.size, client)
 
     def adopt(self, message: Unconfirmed) -> None:
         """A message taken from another channel (`take`), still counted in the buffer."""
@@ -185,7 +188,7 @@ class UpstreamConfirms:
             message = pending.pop(tag, None)
             settled = [message] if message is not None else []
         if settled:
-            self.buffer.removed(len(settled), sum(len(m.data) for m in settled))
+            self.buffer.removed(len(settled), sum(m.size for m in settled))
         return settled
 
     def take(self) -> list[Unconfirmed]:
@@ -198,5 +201,5 @@ class UpstreamConfirms:
         """Forget everything unconfirmed (the broker processed it and closed the channel)."""
         dropped = self.take()
         if dropped:
-            self.buffer.removed(len(dropped), sum(len(m.data) for m in dropped))
+            self.buffer.removed(len(dropped), sum(m.size for m in dropped))
         return len(dropped)

@@ -180,75 +180,96 @@ class Pool:
         finally:
             conn.close(f"{purpose} done")
 
-    async def usable_connection(self) -> UpstreamConnection:
-        """A connection that takes channels: one of the pool's (with several nodes, not one
-        on a node that just failed under another connection), or a new one."""
+    async def usable_connection(self, channels: int) -> UpstreamConnection:
+        """A connection with room for `channels` more: one of the pool's (with several
+        nodes, not one on a node that just failed under another connection), or a new one
+        (UpstreamError when none can be had, or max_upstream_connections are open)."""
         several = self.pools.nodes.several
+        limit = self.pools.settings.max_channels
         for conn in self.connections:
-            if conn.is_usable and not (several and conn.node.state is NodeState.DOWN):
+            numbers = conn.numbers
+            if (
+                conn.is_usable
+                and not (several and conn.node.state is NodeState.DOWN)
+                and numbers.available >= channels
+                and (not limit or numbers.in_use + channels <= limit)
+            ):
                 return conn
+        most = self.pools.settings.max_connections
+        if most and len(self.connections) >= most and self._opening is None:
+            raise UpstreamError(
+                RESOURCE_ERROR, f"RESOURCE_ERROR - all {most} upstream connections of this pool "
+                "are full (max_upstream_connections)",
+            )  # fmt: skip
         return await self.open_connection()
 
     @property
     def unconfirmed(self) -> UnconfirmedBuffer:
         return self.pools.unconfirmed
 
-    def resend(self, messages: list[Unconfirmed], lost: str) -> None:
-        """Publish again, in their order, messages whose upstream connection ended before the
-        broker confirmed them: on a connection of this pool that takes channels, else on a
-        new one (on a node that is up), retrying until one is had."""
+    def resend(self, channels: list[list[Unconfirmed]], lost: str) -> None:
+        """Publish again, each channel's in its order on a channel of its own (an error one
+        of them meets, as a publish to an exchange deleted meanwhile, costs only what it
+        would have cost on the channel it came from), messages whose upstream connection
+        ended before the broker confirmed them: on a connection of this pool, else on a new
+        one (on a node that is up), retrying until one is had."""
+        count = sum(len(messages) for messages in channels)
+        if self.pools.closing:
+            self._drop([m for messages in channels for m in messages])
+            log.error(
+                "upstream connection %s ended with %d messages unconfirmed while the worker "
+                "stops: they may be lost", lost, count,
+            )  # fmt: skip
+            return
         self.resending += 1
         log.warning(
             "upstream connection %s ended with %d messages unconfirmed: sending them again",
-            lost, len(messages),
+            lost, count,
         )  # fmt: skip
-        task = asyncio.ensure_future(self._resend(messages))
+        task = asyncio.ensure_future(self._resend(channels))
         self.pools.tasks.add(task)
         task.add_done_callback(self.pools.tasks.discard)
 
-    async def _resend(self, messages: list[Unconfirmed]) -> None:
+    async def _resend(self, channels: list[list[Unconfirmed]]) -> None:
         delay = 0.5
         try:
-            while True:
+            while channels:
                 try:
-                    conn = await self.usable_connection()
+                    conn = await self.usable_connection(len(channels))
                 except UpstreamError as exc:
+                    count = sum(len(messages) for messages in channels)
                     if exc.code in CLIENTS_ANSWER:  # the credentials or vhost are gone
                         log.error(
                             "%d unconfirmed messages (user=%r vhost=%r) cannot be sent again: "
-                            "%s", len(messages), self.user, self.vhost, exc.text,
+                            "%s", count, self.user, self.vhost, exc.text,
                         )  # fmt: skip
-                        self._drop(messages)
-                        messages = []
-                        return
+                        break
                     log.warning(
                         "cannot send %d unconfirmed messages again yet (user=%r vhost=%r): "
                         "%s; retrying in %g s",
-                        len(messages), self.user, self.vhost, exc.text, delay,
+                        count, self.user, self.vhost, exc.text, delay,
                     )  # fmt: skip
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
                     continue
-                link = conn.allocate(None, 0)
-                if link is None:  # no channel number left there: a connection of its own
-                    await self.open_connection()
-                    continue
-                link.republish(messages)
-                log.info("sent %d unconfirmed messages again through %s", len(messages), conn.name)
-                messages = []
-                return
+                while channels and (link := conn.allocate(None, 0)) is not None:
+                    messages = channels.pop(0)
+                    link.republish(messages)
+                    log.info("sent %d unconfirmed messages again through %s", len(messages),
+                             conn.name)  # fmt: skip
         finally:
             self.resending -= 1
-            if messages:  # cancelled (the worker stops): they are lost
-                self._drop(messages)
+            if channels:  # given up, or cancelled (the worker stops): they are lost
+                lost = [m for messages in channels for m in messages]
+                self._drop(lost)
                 log.error(
-                    "%d unconfirmed messages (user=%r vhost=%r) could not be sent again",
-                    len(messages), self.user, self.vhost,
+                    "%d unconfirmed messages (user=%r vhost=%r) were not sent again",
+                    len(lost), self.user, self.vhost,
                 )  # fmt: skip
             self.pools.forget_if_unused(self)
 
     def _drop(self, messages: list[Unconfirmed]) -> None:
-        self.unconfirmed.removed(len(messages), sum(len(m.data) for m in messages))
+        self.unconfirmed.removed(len(messages), sum(m.size for m in messages))
 
     def connection_gone(self, conn: UpstreamConnection) -> None:
         if conn in self.connections:
@@ -332,6 +353,8 @@ class Pools:
         self.unconfirmed = UnconfirmedBuffer(settings.unconfirmed_buffer)
         #: Re-sends under way (see Pool.resend).
         self.tasks: set[asyncio.Future[None]] = set()
+        #: The worker stops: nothing is sent again any more.
+        self.closing = False
         #: Logins being checked, by (user, password).
         self.logins: dict[tuple[str, str], PendingLogin] = {}
 

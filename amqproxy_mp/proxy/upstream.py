@@ -524,7 +524,8 @@ class UpstreamConnection(FramedProtocol):
         still here are told after this: their next connection's publishes come after it)."""
         unconfirmed = []
         for link in self.channels.values():
-            unconfirmed += link.take_unconfirmed()
+            if messages := link.take_unconfirmed():
+                unconfirmed.append(messages)
             link.upstream_gone()
         self.channels.clear()
         if unconfirmed and self.pool is not None:

@@ -9,7 +9,7 @@ tests/integration, see docs/testing.md.)
 
 from __future__ import annotations
 
-from .program import Burst, Call, Connect, OpenChannel, Program, Publish, Step
+from .program import Burst, Call, Connect, Disconnect, OpenChannel, Program, Publish, Step
 
 REGRESSIONS: dict[str, list[Step]] = {
     # A message whose properties RabbitMQ cannot read (a NaN header), to a missing exchange:
@@ -77,6 +77,22 @@ REGRESSIONS: dict[str, list[Step]] = {
         Publish(1, 1, "nx", "k", body="split"),
         Call(1, 1, "sync"),
         Call(2, 1, "basic.get", ("e1", True)),
+    ],
+    # Tx.Select on a parked channel the proxy had put in confirm mode (its last client
+    # published), after a Basic.Cancel of an unknown tag: the cancel pinned the channel to its
+    # upstream one, where RabbitMQ refuses tx (406); it leaves no state, and the channel now
+    # moves (seed 242, issue 13).
+    "tx.select on a reused confirm-mode channel after a cancel": [
+        Connect(1),
+        OpenChannel(1, 1),
+        Publish(1, 1, "", "q1"),
+        Disconnect(1),
+        Connect(2),
+        OpenChannel(2, 1),
+        Call(2, 1, "basic.cancel", (2,)),
+        Call(2, 1, "tx.select"),
+        Publish(2, 1, "", "q1"),
+        Call(2, 1, "tx.commit"),
     ],
 }
 

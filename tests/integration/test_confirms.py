@@ -279,3 +279,56 @@ def test_a_publishing_client_goes_on_through_a_new_connection_unaware(
         assert [b for b in got if b.startswith(f"{n}-".encode())] == [
             f"{n}-{i}".encode() for i in range(count)
         ]
+
+
+def test_a_resend_that_fails_costs_only_its_own_channels_messages(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """Two clients' unconfirmed messages when the connection is lost: one client's exchange
+    is deleted before they are sent again (its publish now fails with 404), the other's
+    messages still arrive, each channel's being sent again on a channel of its own."""
+    q = declared(names, "resend-own-channel")
+    exchange = names.exchange("resend-gone")
+    setup = direct()
+    setup.channel().exchange_declare(exchange, "fanout")
+    setup.channel().queue_bind(q, exchange)
+    with Relay() as relay:
+        p = behind_relay(proxy_factory, relay, "--close-policy", "local")
+        doomed, kept = p.connect(), p.connect()
+        doomed_ch, kept_ch = doomed.channel(), kept.channel()
+        doomed_ch.basic_consume(declared(names, "pin"), lambda *_: None)  # (closed, not moved)
+        kept_ch.basic_consume(declared(names, "pin2"), lambda *_: None)
+        time.sleep(0.2)
+        relay.hold(to_broker=True)
+        doomed_ch.basic_publish(exchange, "", b"to a deleted exchange")
+        for i in range(5):
+            kept_ch.basic_publish("", q, f"kept-{i}".encode())
+        time.sleep(0.3)
+        setup.channel().exchange_delete(exchange)
+        relay.cut()
+        wait_for(lambda: queue_counts(q)[0] == 5, timeout=15, what="the other client's messages")
+    setup.close()
+    assert drained(q) == [f"kept-{i}".encode() for i in range(5)]
+
+
+def test_tx_select_on_a_reused_channel_after_a_cancel_and_an_ack(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """A parked channel is in the proxy's confirm mode (its last client published). The next
+    client cancels an unknown consumer tag and selects tx: neither leaves state on the
+    channel, so it moves to a fresh upstream channel and gets Tx.SelectOk, as directly
+    (found by the differential harness, seed 242)."""
+    q = declared(names, "tx-reused")
+    p = proxy_factory("-t", "30", "--workers", "1")
+    first = p.connect()
+    first.channel().basic_publish("", q, b"first")
+    first.close()
+    conn = p.connect()
+    ch = conn.channel()
+    ch.basic_cancel("no-such-tag")
+    ch.tx_select()
+    ch.basic_publish("", q, b"committed")
+    ch.tx_commit()
+    conn.close()
+    counted(p, "amqproxy_channels_reused_total", 1)
+    assert drained(q) == [b"first", b"committed"]
