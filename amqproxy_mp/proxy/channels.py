@@ -529,8 +529,11 @@ class ChannelLink(Generic[UpstreamT]):
         if mid == spec.CHANNEL_CLOSE_OK:
             self._close_ok()
             return
-        if (mid == spec.BASIC_ACK or mid == spec.BASIC_NACK) and self.confirms is not None:
-            self._confirmed(mid == spec.BASIC_ACK, payload)
+        if mid == spec.BASIC_ACK or mid == spec.BASIC_NACK:
+            # (every confirm-mode channel has `confirms`; one for the previous channel with
+            # this number, closed by the broker, is not this one's)
+            if self.confirms is not None and not self.requests.first_is(Request.OPEN):
+                self._confirmed(mid == spec.BASIC_ACK, payload)
             return
         if mid == spec.BASIC_DELIVER:
             self.upstream.stats.delivered += 1

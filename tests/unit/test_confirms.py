@@ -8,6 +8,7 @@ from pamqp import body as pbody
 from pamqp import commands, frame
 from pamqp import header as pheader
 
+from amqproxy_mp.amqp.frames import frame as encode_frame
 from amqproxy_mp.amqp.frames import renumbered
 from amqproxy_mp.proxy.confirms import (
     ClientConfirms,
@@ -24,8 +25,8 @@ class Client:
         self.sent = b""
         self.holders: set[object] = set()
 
-    def send(self, data: bytes) -> None:
-        self.sent += data
+    def deliver(self, frame_type: int, channel: int, payload: memoryview) -> None:
+        self.sent += encode_frame(frame_type, channel, payload)
 
     def hold_reading(self, holder: object) -> None:
         self.holders.add(holder)
