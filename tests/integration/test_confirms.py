@@ -8,6 +8,7 @@ sequence numbers; a nack of a message whose client did not is counted and logged
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pamqp import commands
 from tests.support.broker import BROKER_HOST, BROKER_PORT, Names, queue_counts
 from tests.support.pika_client import get_all
 from tests.support.proxy import ProxyProcess
-from tests.support.proxy_http import metric_sample
+from tests.support.proxy_http import http_request, metric_sample
 from tests.support.raw_client import RawClient
 from tests.support.relay import Relay
 from tests.support.targets import ProxyFactory
@@ -332,3 +333,43 @@ def test_tx_select_on_a_reused_channel_after_a_cancel_and_an_ack(
     conn.close()
     counted(p, "amqproxy_channels_reused_total", 1)
     assert drained(q) == [b"first", b"committed"]
+
+
+def test_a_full_buffer_slows_publishers_and_loses_nothing(
+    proxy_factory: ProxyFactory, names: Names
+) -> None:
+    """The broker's confirms are held back: once the worker holds more unconfirmed bytes
+    than unconfirmed_buffer, its publishers are not read (slowed, not dropped); /pools shows
+    what waits; when the confirms come, everything is there."""
+    q = declared(names, "buffer-full")
+    with Relay() as relay:
+        p = behind_relay(proxy_factory, relay, "--unconfirmed-buffer", "65536")
+        conn = p.connect()
+        ch = conn.channel()
+        ch.basic_publish("", q, b"warm")
+        wait_for(lambda: queue_counts(q)[0] == 1, what="the first message")
+        relay.hold()  # the broker gets the messages, the proxy not its confirms
+        done = threading.Event()
+
+        def publish() -> None:
+            for i in range(3000):  # (24 MiB: more than the sockets' buffers hold)
+                ch.basic_publish("", q, b"%04d" % i + b"." * 8192)
+            done.set()
+
+        threading.Thread(target=publish, daemon=True).start()
+        assert p.wait_log(r"unconfirmed messages .* over the buffer of 65536 bytes", timeout=10)
+
+        def waiting() -> int:  # (workers write /pools about once a second)
+            status, text = http_request(p.http_port, "/pools")
+            assert status == 200, text
+            return sum(pool["unconfirmed_messages"] for pool in json.loads(text))
+
+        assert 8 <= wait_for(waiting, what="/pools to show the messages waiting") < 3000
+        time.sleep(0.5)
+        assert not done.is_set()  # held: pika's writes wait in the socket
+        relay.release()
+        assert done.wait(30)
+        conn.close()
+        wait_for(lambda: queue_counts(q)[0] == 3001, timeout=30, what="every message")
+    got = drained(q)
+    assert [body[:4] for body in got[1:]] == [b"%04d" % i for i in range(3000)]
