@@ -274,7 +274,7 @@ class Worker:
                     "channels_in_use": sum(len(conn.channels) for conn in pool.connections),
                     "clients": pool.clients,
                     "unconfirmed_messages": sum(
-                        len(link.confirms.pending)
+                        len(link.confirms)
                         for conn in pool.connections
                         for link in conn.channels.values()
                         if link.confirms is not None

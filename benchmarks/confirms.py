@@ -22,6 +22,7 @@ same invocation, runs interleaved. Printed, medians of the runs:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import subprocess
@@ -90,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     out: list[str] = [f"baseline: {ref} (worktree {worktree}); now: {bench.code}"]
     try:
         prepare_broker(bench)
-        bench.run(
-            loadgen.declare_queue(
-                HOST, BROKER_PORT, bench.login, QUORUM_QUEUE,
-                {"x-queue-type": "quorum", "x-max-length": 20000},
-            )
-        )  # fmt: skip
+        import pika
+
+        params = pika.ConnectionParameters(HOST, BROKER_PORT, VHOST)
+        with contextlib.closing(pika.BlockingConnection(params)) as setup:
+            setup.channel().queue_declare(
+                QUORUM_QUEUE, durable=True,
+                arguments={"x-queue-type": "quorum", "x-max-length": 20000},
+            )  # fmt: skip
         logdir = bench.logdir
 
         def proxy(policy: str, port: int = BROKER_PORT, repo: Path = procs.REPO) -> procs.Proxy:

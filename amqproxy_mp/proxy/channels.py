@@ -324,7 +324,7 @@ class ChannelLink(Generic[UpstreamT]):
     @property
     def awaits_confirms(self) -> bool:
         """Messages sent on the channel wait for the broker's confirm."""
-        return self.confirms is not None and bool(self.confirms.pending)
+        return self.confirms is not None and self.confirms.unconfirmed > 0
 
     def take_unconfirmed(self) -> list[Unconfirmed]:
         """The connection ends: what the broker has not confirmed, to be sent again."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from collections import deque
 from typing import Final, Protocol
 
 from amqproxy_mp.amqp import spec
@@ -155,46 +156,64 @@ class UnconfirmedBuffer:
 
 class UpstreamConfirms:
     """An upstream channel's confirm mode: the messages sent on it and not yet confirmed,
-    by the broker's sequence number (which starts at 1 with the first publish after the
-    Confirm.Select and counts every publish)."""
+    in the broker's sequence (which starts at 1 with the first publish after the
+    Confirm.Select and counts every publish). The broker acks mostly in order, many at once
+    (multiple): a deque from the oldest unconfirmed, whose slot a single out-of-order ack
+    empties (None)."""
 
-    __slots__ = ("buffer", "next_seq", "pending")
+    __slots__ = ("buffer", "first_seq", "next_seq", "pending", "unconfirmed")
 
     def __init__(self, buffer: UnconfirmedBuffer) -> None:
         self.buffer = buffer
-        self.next_seq = 1
-        self.pending: dict[int, Unconfirmed] = {}
+        #: The sequence number of pending[0], and of the next publish.
+        self.first_seq = self.next_seq = 1
+        self.pending: deque[Unconfirmed | None] = deque()
+        self.unconfirmed = 0
+
+    def __len__(self) -> int:
+        return self.unconfirmed
 
     def add(self, message: Unconfirmed, client: ConfirmsClient | None) -> None:
-        self.pending[self.next_seq] = message
-        self.next_seq += 1
+        self.adopt(message)
         self.buffer.added(message.size, client)
 
     def adopt(self, message: Unconfirmed) -> None:
         """A message taken from another channel (`take`), still counted in the buffer."""
-        self.pending[self.next_seq] = message
+        self.pending.append(message)
         self.next_seq += 1
+        self.unconfirmed += 1
 
     def settle(self, tag: int, multiple: bool) -> list[Unconfirmed]:
         """The broker's Basic.Ack or Nack: the messages it answers, in order."""
         pending = self.pending
+        index = tag - self.first_seq
         if multiple:
-            settled = []
-            for seq in list(pending):
-                if seq > tag:
-                    break
-                settled.append(pending.pop(seq))
+            index = min(index, len(pending) - 1)  # (a broker never acks ahead; if it did)
+        if index < 0 or index >= len(pending):
+            return []
+        if multiple:
+            popleft = pending.popleft
+            settled = [m for m in (popleft() for _ in range(index + 1)) if m is not None]
+            self.first_seq += index + 1
         else:
-            message = pending.pop(tag, None)
-            settled = [message] if message is not None else []
-        if settled:
-            self.buffer.removed(len(settled), sum(m.size for m in settled))
+            message = pending[index]
+            if message is None:
+                return []
+            pending[index] = None
+            settled = [message]
+            while pending and pending[0] is None:
+                pending.popleft()
+                self.first_seq += 1
+        self.unconfirmed -= len(settled)
+        self.buffer.removed(len(settled), sum(m.size for m in settled))
         return settled
 
     def take(self) -> list[Unconfirmed]:
         """Everything unconfirmed, in order, to be sent again elsewhere (still counted)."""
-        taken = list(self.pending.values())
+        taken = [m for m in self.pending if m is not None]
         self.pending.clear()
+        self.first_seq = self.next_seq
+        self.unconfirmed = 0
         return taken
 
     def drop(self) -> int:

@@ -71,7 +71,7 @@ def test_a_client_is_answered_under_its_own_numbers() -> None:
     assert client.answers() == [("Ack", 4, False)]
     mine.answer([m.client_seq for m in upstream.settle(6, multiple=False)], False)
     assert client.answers() == [("Nack", 3, False)]
-    assert buffer.count == 0 and buffer.size == 0 and not upstream.pending
+    assert buffer.count == 0 and buffer.size == 0 and not len(upstream)
 
 
 def test_answers_for_a_client_that_left_are_dropped() -> None:
@@ -111,7 +111,7 @@ def test_take_keeps_the_order_and_the_count_for_the_next_channel() -> None:
     new = UpstreamConfirms(buffer)
     for message in taken:
         new.adopt(message)
-    assert list(new.pending) == [1, 2, 3, 4] and buffer.count == 4
+    assert list(new.pending) == taken and new.first_seq == 1 and buffer.count == 4
     new.settle(4, multiple=True)
     assert buffer.count == 0 and buffer.size == 0
 
@@ -139,3 +139,26 @@ def test_renumbered_frames_carry_the_same_message(body: bytes, frame_max: int, n
     assert isinstance(frames[0], commands.Basic.Publish)
     assert isinstance(frames[1], pheader.ContentHeader) and frames[1].body_size == len(body)
     assert b"".join(f.value for f in frames[2:]) == body
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(min_value=0, max_value=40), st.booleans()),
+        max_size=30,
+    )
+)
+def test_settle_answers_each_message_once_in_order(acks: list[tuple[int, bool]]) -> None:
+    """Against the plain model: an ack answers its tag, a multiple one every tag up to it;
+    each message once, in order, and the buffer counts what is left."""
+    buffer = UnconfirmedBuffer(1 << 30)
+    upstream = UpstreamConfirms(buffer)
+    messages = {seq: Unconfirmed(publish(1, b"m"), None) for seq in range(1, 31)}
+    for message in messages.values():
+        upstream.add(message, None)
+    left = dict(messages)
+    for tag, multiple in acks:
+        expected = [left.pop(seq) for seq in sorted(left) if seq == tag or (multiple and seq < tag)]
+        assert upstream.settle(tag, multiple) == expected
+        assert len(upstream) == len(left) == buffer.count
+    upstream.add(Unconfirmed(publish(1, b"next"), None), None)  # (numbered 31 whatever came)
+    assert upstream.settle(31, multiple=False) and len(upstream) == len(left)
