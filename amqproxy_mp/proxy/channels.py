@@ -337,7 +337,7 @@ class ChannelLink(Generic[UpstreamT]):
         return (
             not self.requests
             and self.publishes == self.synced_publishes
-            and not (self.awaits_confirms)
+            and not self.awaits_confirms
         )
 
     @property

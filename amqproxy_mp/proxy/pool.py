@@ -114,15 +114,19 @@ class Pool:
     ) -> ChannelLink[UpstreamConnection]:
         """Like take_channel, opening another upstream connection when all are full."""
         while (link := self.take_channel(client, number, home)) is None:
-            limit = self.pools.settings.max_connections
-            if limit and len(self.connections) >= limit and self._opening is None:
-                raise UpstreamError(
-                    RESOURCE_ERROR,
-                    f"RESOURCE_ERROR - all {limit} upstream connections of this pool are full "
-                    f"(max_upstream_connections)",
-                )
-            await self.open_connection()
+            await self._open_another()
         return link
+
+    async def _open_another(self) -> UpstreamConnection:
+        """One more connection, within max_upstream_connections (else RESOURCE_ERROR)."""
+        limit = self.pools.settings.max_connections
+        if limit and len(self.connections) >= limit and self._opening is None:
+            raise UpstreamError(
+                RESOURCE_ERROR,
+                f"RESOURCE_ERROR - all {limit} upstream connections of this pool are full "
+                f"(max_upstream_connections)",
+            )
+        return await self.open_connection()
 
     async def open_connection(self, tuned: UpstreamConnection | None = None) -> UpstreamConnection:
         """Open one more upstream connection; concurrent callers share the same attempt."""
@@ -195,13 +199,7 @@ class Pool:
                 and (not limit or numbers.in_use + channels <= limit)
             ):
                 return conn
-        most = self.pools.settings.max_connections
-        if most and len(self.connections) >= most and self._opening is None:
-            raise UpstreamError(
-                RESOURCE_ERROR, f"RESOURCE_ERROR - all {most} upstream connections of this pool "
-                "are full (max_upstream_connections)",
-            )  # fmt: skip
-        return await self.open_connection()
+        return await self._open_another()
 
     @property
     def unconfirmed(self) -> UnconfirmedBuffer:
