@@ -115,7 +115,8 @@ class ProxyProcess(Target):
                     f"{self.log_text()}"
                 )
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
+                with socket.create_connection((self.host, self.port), timeout=0.5) as probe:
+                    self._wait_for_a_worker(probe)
                     return self
             except OSError:
                 pass
@@ -126,6 +127,17 @@ class ProxyProcess(Target):
                     f"{self.log_text()}"
                 )
             time.sleep(0.05)
+
+    @staticmethod
+    def _wait_for_a_worker(probe: socket.socket, timeout: float = 5.0) -> None:
+        """The master binds the port before it forks its workers: a TCP connect succeeds while
+        no worker exists yet (a test that took the pids then missed the worker). Wait until a
+        worker answers the protocol header, but no longer than `timeout`: a test may start a
+        proxy whose workers cannot answer."""
+        probe.settimeout(timeout)
+        with contextlib.suppress(OSError):
+            probe.sendall(b"AMQP\x00\x00\x09\x01")
+            probe.recv(1)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None
