@@ -137,7 +137,13 @@ class ProxyProcess(Target):
         probe.settimeout(timeout)
         with contextlib.suppress(OSError):
             probe.sendall(b"AMQP\x00\x00\x09\x01")
-            probe.recv(1)
+            # the whole Connection.Start, or closing would reset the connection (and the
+            # proxy would log a client's "connection lost")
+            data = b""
+            while chunk := probe.recv(4096):
+                data += chunk
+                if len(data) >= 7 and len(data) >= 8 + int.from_bytes(data[3:7], "big"):
+                    break
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None
