@@ -60,6 +60,7 @@ BASIC_RECOVER_ASYNC: Final = B.RecoverAsync.index
 BASIC_RECOVER_OK: Final = B.RecoverOk.index
 TX_SELECT: Final = commands.Tx.Select.index
 CONFIRM_SELECT: Final = commands.Confirm.Select.index
+CONFIRM_SELECT_OK: Final = commands.Confirm.SelectOk.index
 #: The methods after which a channel holds state only its upstream channel has: consumers,
 #: unacked deliveries, a transaction (the client's channel cannot move to another one).
 PINNING_METHODS: Final = frozenset((B.Consume.index, B.Get.index, commands.Tx.Select.index))
@@ -152,6 +153,7 @@ BASIC_QOS_OK_PAYLOAD: Final = payload_of(B.QosOk())
 RECOVER_PAYLOAD: Final = payload_of(B.Recover(requeue=True))
 #: The proxy's own Confirm.Select (no reply): the broker confirms each publish after it.
 CONFIRM_SELECT_NOWAIT_PAYLOAD: Final = payload_of(commands.Confirm.Select(nowait=True))
+CONFIRM_SELECT_PAYLOAD: Final = payload_of(commands.Confirm.Select())
 #: Exchange.Declare(amq.direct, passive): a request with no effect, to learn that the broker
 #: has processed everything before it.
 MARKER_PAYLOAD: Final = payload_of(

@@ -258,13 +258,15 @@ class ChannelLink(Generic[UpstreamT]):
         self.confirms = UpstreamConfirms(self.upstream.unconfirmed)
         return self.confirms
 
-    def select_confirms(self) -> None:
+    def select_confirms(self, nowait: bool) -> None:
         """The client's Confirm.Select (sent on as it is, for the broker's SelectOk in order):
         its publishes are numbered from 1 on, and answered under those numbers."""
         if self.confirms is None:
             self.confirms = UpstreamConfirms(self.upstream.unconfirmed)
         if self.client_confirms is None and self.client is not None:
             self.client_confirms = ClientConfirms(self.client, self.client_number)
+        if not nowait and self.client_confirms is not None:
+            self.client_confirms.selects_due += 1
 
     def republish(self, messages: list[Unconfirmed]) -> None:
         """Send again what another upstream channel could not get confirmed. On a channel
@@ -283,12 +285,14 @@ class ChannelLink(Generic[UpstreamT]):
     @property
     def movable(self) -> bool:
         """Its client's channel could go on on another upstream channel: it holds no state
-        of the channel's (consumers, deliveries, a transaction), awaits no reply, and is in
-        no close or error of its own."""
+        of the channel's (consumers, deliveries, a transaction), awaits no reply but a
+        Confirm.Select's (asked again there: see `took_over`), and is in no close or error
+        of its own."""
+        selects = self.client_confirms.selects_due if self.client_confirms is not None else 0
         return (
             self.up is Up.OPEN
             and not self.pinned
-            and not self.awaits_reply
+            and self.requests.replies_due == selects
             and not (self.awaits_close_ok or self.error_due or self.settle_after_content)
         )
 
@@ -308,7 +312,15 @@ class ChannelLink(Generic[UpstreamT]):
         self.close_for_connection = old.close_for_connection
         self.close_confirmed = old.close_confirmed
         old.client = None
-        if self.client_confirms is not None and self.confirms is None:
+        selecting = self.client_confirms
+        if selecting is not None and selecting.selects_due:
+            # the client awaits its SelectOk (the one reply a movable channel may await): its
+            # Confirm.Select is asked again here, and the broker's answer goes to it
+            self.confirms = UpstreamConfirms(self.upstream.unconfirmed)
+            select = frame(METHOD, self.upstream_number, spec.CONFIRM_SELECT_PAYLOAD)
+            for _ in range(selecting.selects_due):
+                self.send_request(select, spec.CONFIRM_SELECT)
+        elif selecting is not None and self.confirms is None:
             self._select_confirms()  # (the client's confirm mode: its Tx.Select stays a 406)
         if messages:
             self.republish(messages)
@@ -559,6 +571,8 @@ class ChannelLink(Generic[UpstreamT]):
                 self.synced_publishes = request.publishes
             if request.kind is not Request.FORWARD:
                 forward = self._proxy_reply(request.kind, payload, request.subject)
+            elif mid == spec.CONFIRM_SELECT_OK and self.client_confirms is not None:
+                self.client_confirms.selects_due -= 1
         self.forwarding = forward
         auto_acks = self.auto_acks
         if mid == spec.BASIC_GET_OK:

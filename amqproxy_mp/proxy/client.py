@@ -234,7 +234,7 @@ class ClientSession(ClientConnection):
                     mid, kind = spec.BASIC_RECOVER, Request.DROP
         elif mid == spec.CONFIRM_SELECT and not link.transactional:
             # the proxy numbers the client's publishes itself: the channel stays reusable
-            link.select_confirms()
+            link.select_confirms(nowait=bool(arguments[0]))
             self._send_method(link, mid, payload, arguments)
             return
         elif mid == spec.TX_SELECT:

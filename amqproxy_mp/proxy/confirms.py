@@ -38,12 +38,14 @@ class ConfirmsClient(Protocol):
 class ClientConfirms:
     """A client channel's own confirm mode: its sequence numbers, and those not yet answered."""
 
-    __slots__ = ("client", "next_seq", "number", "unanswered")
+    __slots__ = ("client", "next_seq", "number", "selects_due", "unanswered")
 
     def __init__(self, client: ConfirmsClient, number: int) -> None:
         #: None once the client's channel is gone: answers are then dropped.
         self.client: ConfirmsClient | None = client
         self.number = number
+        #: The client's Confirm.Selects whose SelectOk it has not had yet.
+        self.selects_due = 0
         self.next_seq = 1
         #: In increasing order (a dict keeps insertion order).
         self.unanswered: dict[int, None] = {}
