@@ -8,7 +8,8 @@ The release before confirms (the parent of the commit that added proxy/confirms.
 `--baseline REF`) runs from a git worktree beside this checkout, both with 1 worker, in the
 same invocation, runs interleaved. Printed, medians of the runs:
 
-- publish throughput (1 and 16 connections, 100 B), directly, before and now;
+- publish throughput (1 and 16 connections, 100 B), directly, before and now; and directly
+  on channels in confirm mode whose acks nobody waits for: the broker's share of the cost;
 - the php-amqp cycle (transient messages) on loopback with `close_policy` local and
   processed, before and now, and with confirmed now;
 - the php-amqp cycle with persistent messages to a quorum queue, on loopback and with the
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import loadgen
 import procs
-from bench import BROKER_PORT, HOST, PUB_QUEUE, USER, VHOST, Bench, progress
+from bench import BROKER_PORT, HOST, PUB_QUEUE, USER, VHOST, Bench, _cpu, progress
 from run import prepare_broker
 from scenarios import php
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs, 1 run each")
     parser.add_argument("--runs", type=int, help="runs per config (default 3, quick 1)")
     parser.add_argument("--kills", action="store_true", help="also the loss and duplicate run")
+    parser.add_argument("--publish-only", action="store_true", help="only the publish figures")
     args = parser.parse_args(argv)
     args.profile = None
     ref = args.baseline or baseline_ref()
@@ -108,25 +110,47 @@ def main(argv: list[str] | None = None) -> int:
         now = {p: proxy(p) for p in ("local", "processed", "confirmed")}
         duration = bench.dur(3.0, 1.0)
 
-        def publish(port: int, connections: int) -> Callable[[], float]:
+        #: CPU per message of the last publish run: the broker's, the proxy's (µs).
+        cpu: dict[str, tuple[float, float]] = {}
+
+        def publish(
+            name: str, port: int, connections: int, proxy: procs.Proxy | None = None,
+            confirm_mode: bool = False,
+        ) -> Callable[[], float]:  # fmt: skip
             def measure() -> float:
+                broker_before = _cpu(bench.broker)
+                proxy_before = proxy.cpu_seconds()[0] if proxy else 0.0
                 result = bench.run(
                     loadgen.publish(HOST, port, bench.login, PUB_QUEUE, connections=connections,
-                                    body_size=100, duration=duration)
+                                    body_size=100, duration=duration, confirm_mode=confirm_mode)
                 )  # fmt: skip
-                return float(result["count"] / result["elapsed"])
+                count = result["count"]
+                cpu[name] = (
+                    (_cpu(bench.broker) - broker_before) / count * 1e6,
+                    ((proxy.cpu_seconds()[0] - proxy_before) if proxy else 0.0) / count * 1e6,
+                )
+                return float(count / result["elapsed"])
 
             return measure
 
         for connections in (1, 16):
             progress(f"publish, {connections} connections, 100 B")
             figures = interleaved(bench.runs, {
-                "direct": publish(BROKER_PORT, connections),
-                "before (processed)": publish(before["processed"].port, connections),
-                "now (processed)": publish(now["processed"].port, connections),
+                "direct": publish("direct", BROKER_PORT, connections),
+                "direct, confirm mode": publish(
+                    "direct, confirm mode", BROKER_PORT, connections, confirm_mode=True),
+                "before (processed)": publish(
+                    "before (processed)", before["processed"].port, connections,
+                    before["processed"]),
+                "now (processed)": publish(
+                    "now (processed)", now["processed"].port, connections, now["processed"]),
             })  # fmt: skip
             out.append(table(f"publish, {connections} conn, 100 B", "msg/s", figures,
                              "before (processed)"))  # fmt: skip
+            out.append("  CPU per message in the last run (µs), broker / proxy: " + "; ".join(
+                f"{name} {b:.1f} / {p:.1f}" for name, (b, p) in cpu.items()))  # fmt: skip
+        if args.publish_only:
+            return 0
 
         def cycle(port: int, cycles: int, queue: str = "bench.cycle", persistent: bool = False
                   ) -> Callable[[], float]:  # fmt: skip
@@ -178,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "worktree", "remove", "--force", str(worktree)],
                        cwd=procs.REPO, capture_output=True)  # fmt: skip
         shutil.rmtree(worktree, ignore_errors=True)
-    print("\n".join(out))
+        print("\n".join(out))  # (what was measured, also when a later part failed)
     return 0
 
 
