@@ -614,16 +614,19 @@ class ChannelLink(Generic[UpstreamT]):
         assert self.confirms is not None
         self.forwarding = False  # (a Return's content, if any, is complete)
         tag, flags = _ACK_ARGUMENTS.unpack_from(payload, 4)
-        answers: dict[ClientConfirms, list[int]] = {}
+        answers: dict[ClientConfirms, list[int]] | None = None
         for message in self.confirms.settle(tag, bool(flags & 1)):
             if message.confirms is not None:
+                if answers is None:
+                    answers = {}
                 answers.setdefault(message.confirms, []).append(message.client_seq)
             if not ack:
                 self.upstream.stats.publish_nacks += 1
                 if message.confirms is None or message.confirms.client is None:
                     self.confirms.buffer.refused(message)
-        for confirms, seqs in answers.items():
-            confirms.answer(seqs, ack)
+        if answers is not None:
+            for confirms, seqs in answers.items():
+                confirms.answer(seqs, ack)
         if self.awaits_confirms:
             return
         if self.close_due is not None:

@@ -15,7 +15,7 @@ import logging
 import struct
 import time
 from collections import deque
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from amqproxy_mp.amqp import spec
 from amqproxy_mp.amqp.frames import HEADER_SIZE, METHOD
@@ -176,7 +176,9 @@ class UpstreamConfirms:
         return self.unconfirmed
 
     def add(self, message: Unconfirmed, client: ConfirmsClient | None) -> None:
-        self.adopt(message)
+        self.pending.append(message)  # (adopt's steps, once per publish: no call more)
+        self.next_seq += 1
+        self.unconfirmed += 1
         self.buffer.added(message.size, client)
 
     def adopt(self, message: Unconfirmed) -> None:
@@ -195,7 +197,11 @@ class UpstreamConfirms:
             return []
         if multiple:
             popleft = pending.popleft
-            settled = [m for m in (popleft() for _ in range(index + 1)) if m is not None]
+            taken = [popleft() for _ in range(index + 1)]
+            if self.unconfirmed == len(pending) + len(taken):  # no holes: no None in it
+                settled = cast("list[Unconfirmed]", taken)
+            else:  # (single acks left holes)
+                settled = [m for m in taken if m is not None]
             self.first_seq += index + 1
         else:
             message = pending[index]
