@@ -128,9 +128,10 @@ class UnconfirmedBuffer:
             self._held.add(client)
             client.hold_reading(self)
 
-    def removed(self, count: int, size: int) -> None:
-        self.count -= count
-        self.size -= size
+    def removed(self, messages: list[Unconfirmed]) -> None:
+        """These are confirmed, nacked, or given up on: no longer counted."""
+        self.count -= len(messages)
+        self.size -= sum(m.size for m in messages)
         if self._held and self.size <= self.limit // 2:
             held, self._held = self._held, set()
             for client in held:
@@ -213,7 +214,7 @@ class UpstreamConfirms:
                 pending.popleft()
                 self.first_seq += 1
         self.unconfirmed -= len(settled)
-        self.buffer.removed(len(settled), sum(m.size for m in settled))
+        self.buffer.removed(settled)
         return settled
 
     def take(self) -> list[Unconfirmed]:
@@ -227,6 +228,5 @@ class UpstreamConfirms:
     def drop(self) -> int:
         """Forget everything unconfirmed (the broker processed it and closed the channel)."""
         dropped = self.take()
-        if dropped:
-            self.buffer.removed(len(dropped), sum(m.size for m in dropped))
+        self.buffer.removed(dropped)
         return len(dropped)

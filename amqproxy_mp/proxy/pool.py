@@ -101,13 +101,23 @@ class Pool:
                 return link
         if home is not None and home.is_open and (new := home.allocate(client, number)):
             return new
-        limit = self.pools.settings.max_channels
         for conn in self.connections:
-            if conn.is_usable and (not limit or conn.numbers.in_use < limit):
+            if self._takes(conn, 1):
                 new = conn.allocate(client, number)
                 if new is not None:
                     return new
         return None
+
+    def _takes(self, conn: UpstreamConnection, channels: int) -> bool:
+        """`conn` takes `channels` more channels: it is usable, and has the numbers for them
+        within its channel_max and max_upstream_channels."""
+        limit = self.pools.settings.max_channels
+        numbers = conn.numbers
+        return (
+            conn.is_usable
+            and numbers.available >= channels
+            and (not limit or numbers.in_use + channels <= limit)
+        )
 
     async def acquire_channel(
         self, client: ClientSide, number: int, home: UpstreamConnection | None
@@ -189,15 +199,8 @@ class Pool:
         nodes, not one on a node that just failed under another connection), or a new one
         (UpstreamError when none can be had, or max_upstream_connections are open)."""
         several = self.pools.nodes.several
-        limit = self.pools.settings.max_channels
         for conn in self.connections:
-            numbers = conn.numbers
-            if (
-                conn.is_usable
-                and not (several and conn.node.state is NodeState.DOWN)
-                and numbers.available >= channels
-                and (not limit or numbers.in_use + channels <= limit)
-            ):
+            if self._takes(conn, channels) and not (several and conn.node.state is NodeState.DOWN):
                 return conn
         return await self._open_another()
 
@@ -213,7 +216,7 @@ class Pool:
         one (on a node that is up), retrying until one is had."""
         count = sum(len(messages) for messages in channels)
         if self.pools.closing:
-            self._drop([m for messages in channels for m in messages])
+            self.unconfirmed.removed([m for messages in channels for m in messages])
             log.error(
                 "upstream connection %s ended with %d messages unconfirmed while the worker "
                 "stops: they may be lost", lost, count,
@@ -259,15 +262,12 @@ class Pool:
             self.resending -= 1
             if channels:  # given up, or cancelled (the worker stops): they are lost
                 lost = [m for messages in channels for m in messages]
-                self._drop(lost)
+                self.unconfirmed.removed(lost)
                 log.error(
                     "%d unconfirmed messages (user=%r vhost=%r) were not sent again",
                     len(lost), self.user, self.vhost,
                 )  # fmt: skip
             self.pools.forget_if_unused(self)
-
-    def _drop(self, messages: list[Unconfirmed]) -> None:
-        self.unconfirmed.removed(len(messages), sum(m.size for m in messages))
 
     def connection_gone(self, conn: UpstreamConnection) -> None:
         if conn in self.connections:
