@@ -8,10 +8,11 @@ sequence numbers; a nack of a message whose client did not is counted and logged
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pika
 import pika.exceptions
@@ -375,6 +376,22 @@ def test_a_full_buffer_slows_publishers_and_loses_nothing(
     assert [body[:4] for body in got[1:]] == [b"%04d" % i for i in range(3000)]
 
 
+@contextlib.contextmanager
+def raw_client_sharing_upstream(
+    proxy_factory: ProxyFactory,
+) -> Iterator[tuple[Relay, RawClient]]:
+    """A raw client past its handshake, through a proxy behind a relay, on the upstream
+    connection another client opened."""
+    with Relay() as relay:
+        p = behind_relay(proxy_factory, relay)
+        warm = p.connect()  # the upstream connection
+        warm.channel()
+        with RawClient(p.host, p.port) as c:
+            assert "open_ok" in c.handshake()
+            yield relay, c
+        warm.close()
+
+
 @pytest.mark.parametrize("held_from", ["channel open", "publish"])
 def test_a_client_closing_its_connection_moves_and_gets_its_close_ok(
     proxy_factory: ProxyFactory, names: Names, held_from: str
@@ -383,24 +400,18 @@ def test_a_client_closing_its_connection_moves_and_gets_its_close_ok(
     broker has not answered, from its Channel.Open on or from its publish on, when the
     upstream connection is lost: it moves, gets its CloseOk, and its message is there."""
     q = declared(names, "close-moves")
-    with Relay() as relay:
-        p = behind_relay(proxy_factory, relay)
-        warm = p.connect()  # the upstream connection
-        warm.channel()
-        with RawClient(p.host, p.port) as c:
-            assert "open_ok" in c.handshake()
-            if held_from == "channel open":
-                relay.hold(to_broker=True)
-            c.send_raw(open_(1))
-            assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
+    with raw_client_sharing_upstream(proxy_factory) as (relay, c):
+        if held_from == "channel open":
             relay.hold(to_broker=True)
-            c.send_raw(publish_frames(1, "", q, b"closing"))
-            c.send(commands.Connection.Close(200, "", 0, 0))
-            assert answered_within(c, 0.5) is None  # (processed: the broker has not answered)
-            relay.cut()
-            assert isinstance(answered_within(c, 10), commands.Connection.CloseOk)
-        warm.close()
-        wait_for(lambda: queue_counts(q)[0] == 1, timeout=10, what="the message")
+        c.send_raw(open_(1))
+        assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
+        relay.hold(to_broker=True)
+        c.send_raw(publish_frames(1, "", q, b"closing"))
+        c.send(commands.Connection.Close(200, "", 0, 0))
+        assert answered_within(c, 0.5) is None  # (processed: the broker has not answered)
+        relay.cut()
+        assert isinstance(answered_within(c, 10), commands.Connection.CloseOk)
+    wait_for(lambda: queue_counts(q)[0] == 1, timeout=10, what="the message")
 
 
 def test_a_client_whose_confirm_select_is_unanswered_moves(
@@ -410,22 +421,16 @@ def test_a_client_whose_confirm_select_is_unanswered_moves(
     connection is lost (pika's confirm_delivery() as a connection starts): the client moves,
     gets its SelectOk and the ack of its message, and the message is there once."""
     q = declared(names, "select-moves")
-    with Relay() as relay:
-        p = behind_relay(proxy_factory, relay)
-        warm = p.connect()  # the upstream connection
-        warm.channel()
-        with RawClient(p.host, p.port) as c:
-            assert "open_ok" in c.handshake()
-            c.send_raw(open_(1))
-            assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
-            relay.hold(to_broker=True)
-            c.send(commands.Confirm.Select(), 1)
-            c.send_raw(publish_frames(1, "", q, b"selected"))
-            assert answered_within(c, 0.5) is None
-            relay.cut()
-            assert isinstance(answered_within(c, 10), commands.Confirm.SelectOk)
-            ack = answered_within(c, 10)
-            assert isinstance(ack, commands.Basic.Ack) and ack.delivery_tag == 1, ack
-        warm.close()
-        wait_for(lambda: queue_counts(q)[0] == 1, timeout=10, what="the message")
+    with raw_client_sharing_upstream(proxy_factory) as (relay, c):
+        c.send_raw(open_(1))
+        assert isinstance(c.read_method()[1], commands.Channel.OpenOk)
+        relay.hold(to_broker=True)
+        c.send(commands.Confirm.Select(), 1)
+        c.send_raw(publish_frames(1, "", q, b"selected"))
+        assert answered_within(c, 0.5) is None
+        relay.cut()
+        assert isinstance(answered_within(c, 10), commands.Confirm.SelectOk)
+        ack = answered_within(c, 10)
+        assert isinstance(ack, commands.Basic.Ack) and ack.delivery_tag == 1, ack
+    wait_for(lambda: queue_counts(q)[0] == 1, timeout=10, what="the message")
     assert drained(q) == [b"selected"]
