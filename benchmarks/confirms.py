@@ -114,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu: dict[str, tuple[float, float]] = {}
 
         def publish(
-            name: str, port: int, connections: int, proxy: procs.Proxy | None = None,
-            confirm_mode: bool = False,
-        ) -> Callable[[], float]:  # fmt: skip
+            name: str, connections: int, proxy: procs.Proxy | None, confirm_mode: bool
+        ) -> Callable[[], float]:
+            port = proxy.port if proxy else BROKER_PORT
+
             def measure() -> float:
                 broker_before = _cpu(bench.broker)
                 proxy_before = proxy.cpu_seconds()[0] if proxy else 0.0
@@ -133,17 +134,18 @@ def main(argv: list[str] | None = None) -> int:
 
             return measure
 
+        #: Each publisher's proxy (None: the broker directly), and whether in confirm mode.
+        publishers = {
+            "direct": (None, False),
+            "direct, confirm mode": (None, True),
+            "before (processed)": (before["processed"], False),
+            "now (processed)": (now["processed"], False),
+        }
         for connections in (1, 16):
             progress(f"publish, {connections} connections, 100 B")
             figures = interleaved(bench.runs, {
-                "direct": publish("direct", BROKER_PORT, connections),
-                "direct, confirm mode": publish(
-                    "direct, confirm mode", BROKER_PORT, connections, confirm_mode=True),
-                "before (processed)": publish(
-                    "before (processed)", before["processed"].port, connections,
-                    before["processed"]),
-                "now (processed)": publish(
-                    "now (processed)", now["processed"].port, connections, now["processed"]),
+                name: publish(name, connections, proxy, confirm_mode)
+                for name, (proxy, confirm_mode) in publishers.items()
             })  # fmt: skip
             out.append(table(f"publish, {connections} conn, 100 B", "msg/s", figures,
                              "before (processed)"))  # fmt: skip
