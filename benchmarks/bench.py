@@ -137,10 +137,18 @@ class Bench:
         asyncio.set_event_loop(self.loop)
         self.login = Handshake(USER, PASSWORD, VHOST)
         self.logdir = Path(tempfile.mkdtemp(prefix="amqproxy-bench-logs-"))
-        self._proxies: dict[tuple[int, tuple[str, ...]], procs.Proxy] = {}
+        self._proxies: dict[tuple[int, tuple[str, ...], Path], procs.Proxy] = {}
         self._broker = _broker_process()
         self.profile_dir: Path | None = Path(args.profile) if args.profile else None
         self.code = code_version()
+        #: `--baseline REF`: that release's code, checked out beside this one, measured as a
+        #: fourth config ("w1 REF", 1 worker), so that before and after share one run.
+        self.baseline: tuple[str, Path] | None = None
+        if getattr(args, "baseline", None):
+            worktree = Path(tempfile.mkdtemp(prefix="amqproxy-baseline-"))
+            add = ["git", "worktree", "add", "--detach", "-f", str(worktree), args.baseline]
+            subprocess.run(add, cwd=procs.REPO, check=True, capture_output=True)
+            self.baseline = (args.baseline, worktree)
 
     @property
     def broker(self) -> psutil.Process | None:
@@ -155,16 +163,27 @@ class Bench:
     def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
-    def proxy(self, workers: int, options: tuple[str, ...] = ()) -> procs.Proxy:
+    def proxy(
+        self, workers: int, options: tuple[str, ...] = (), repo: Path = procs.REPO
+    ) -> procs.Proxy:
         """The shared proxy with this many workers and options (the broker on loopback)."""
-        key = (workers, options)
+        key = (workers, options, repo)
         if key not in self._proxies:
-            self._proxies[key] = procs.Proxy(workers, BROKER_PORT, self.logdir, options)
+            self._proxies[key] = procs.Proxy(workers, BROKER_PORT, self.logdir, options, repo=repo)
         return self._proxies[key]
 
     def configs(self) -> list[Config]:
         p1, pn = self.proxy(1), self.proxy(DEFAULT_WORKERS)
-        return [("direct", None, BROKER_PORT), ("w1", p1, p1.port), ("wN", pn, pn.port)]
+        configs: list[Config] = [
+            ("direct", None, BROKER_PORT),
+            ("w1", p1, p1.port),
+            ("wN", pn, pn.port),
+        ]
+        if self.baseline:
+            ref, worktree = self.baseline
+            base = self.proxy(1, repo=worktree)
+            configs.append((f"w1 {ref}", base, base.port))
+        return configs
 
     def close_proxies(self) -> None:
         for proxy in self._proxies.values():
@@ -173,6 +192,10 @@ class Bench:
 
     def close(self) -> None:
         self.close_proxies()
+        if self.baseline:
+            worktree = self.baseline[1]
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)],
+                           cwd=procs.REPO, capture_output=True)  # fmt: skip
         with contextlib.suppress(Exception):
             self.loop.close()
 

@@ -167,6 +167,17 @@ class Proxy:
                 total += proc.memory_info().rss
         return total
 
+    def pss(self) -> int:
+        """Proportional set size of the master and workers (/proc/PID/smaps_rollup): shared
+        pages count once over all of them, unlike in the sum of their RSS."""
+        total = 0
+        for proc in self.processes():
+            with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+        return total
+
     def upstream_ports(self) -> set[int]:
         """Local ports of the workers' connections to the upstream (as the OS sees them)."""
         ports = set()

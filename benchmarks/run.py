@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="set in the proxies' environment only (repeatable), e.g. PYTHONMALLOC=malloc",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also measure the proxy of this git commit (1 worker, from a worktree) in the "
+        "scenarios that use the common configs; shown in the details as 'w1 REF'",
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args(argv)
     if args.list:

@@ -299,7 +299,7 @@ def scenario_storm(bench: Bench) -> Row:
         f"{n} connections + channel at once",
         "s",
         False,
-        "≤ 2.3 s, ≤ 16 KiB/client, RSS back",
+        "≤ 2.3 s, ≤ 16 KiB/client, RSS back, PSS ≤ 40 MB",
     )
     collected: dict[str, list[Run]] = {"w1": [], "wN": []}
     for i in range(bench.runs):
@@ -325,12 +325,16 @@ def scenario_storm(bench: Bench) -> Row:
         failed = sum(r.extra["failed"] for r in runs)
         ok_time, ok_mem = stat.value <= 2.3, per_client <= 16
         ok_after = after_idle <= 0.25 * per_client
-        row.verdicts[name] = ok_time and ok_mem and ok_after and not failed
+        idle_pss = stat.median_of(lambda r: r.extra["idle_pss_mb"]) or 0.0
+        ok_pss = name == "w1" or idle_pss <= 40
+        row.verdicts[name] = ok_time and ok_mem and ok_after and ok_pss and not failed
         m = stat.median_run.extra
         row.details.append(
             f"{name}: all open in {stat.value:.2f} s ({_ok(ok_time)}; half after "
             f"{m['p50_s']:.2f} s, 90 % after {m['p90_s']:.2f} s; kernel listen-queue drops "
-            f"{m['listen_drops']}); RSS idle {m['idle_mib']:.1f} MiB, held {m['held_mib']:.1f} "
+            f"{m['listen_drops']}); PSS idle {idle_pss:.1f} MB"
+            + ("" if name == "w1" else f" ({_ok(ok_pss)}: ≤ 40 MB)")
+            + f"; RSS idle {m['idle_mib']:.1f} MiB, held {m['held_mib']:.1f} "
             f"MiB = {per_client:.1f} KiB/client ({_ok(ok_mem)}), after close {m['after_mib']:.1f} "
             f"MiB = {after:.1f} KiB/client above idle (its channels still parked), after the "
             f"idle timeout {m['after_idle_mib']:.1f} MiB = {after_idle:.1f} KiB/client above idle "
@@ -361,6 +365,7 @@ def _storm_once(bench: Bench, proxy: procs.Proxy, n: int) -> Run:
     bench.run(loadgen.warm_up(HOST, proxy.port, bench.login, 4))
     time.sleep(1.2)
     idle = proxy.rss()
+    idle_pss = proxy.pss()
     held_clients: list[Any] = []
 
     def fn() -> Measurement:
@@ -387,6 +392,7 @@ def _storm_once(bench: Bench, proxy: procs.Proxy, n: int) -> Run:
     after_idle = _rss_once_zero(proxy, "amqproxy_upstream_channels", 20)
     run.extra.update(
         idle_mib=idle / 2**20,
+        idle_pss_mb=idle_pss / 1e6,
         held_mib=held / 2**20,
         after_mib=after / 2**20,
         after_idle_mib=after_idle / 2**20,
