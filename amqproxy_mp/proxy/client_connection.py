@@ -338,7 +338,7 @@ class ClientConnection(FramedProtocol):
         elif phase is Phase.OPEN and index == spec.CONNECTION_OPEN:
             self.vhost = str(arguments[0])
             self.phase = Phase.OPENING
-            self.run_paused(self._authenticate())
+            self._open()
         elif phase is Phase.ACTIVE and index == spec.CONNECTION_UPDATE_SECRET:
             # The pooled upstream connections keep the secret they were opened with (see
             # docs/differences.md); the client's connection carries on, as it would directly.
@@ -386,24 +386,29 @@ class ClientConnection(FramedProtocol):
             return
         except ValueError as exc:  # RabbitMQ just drops the client
             raise FrameError(spec.DROP, f"login: {exc}") from None
-        self.run_paused(self._check_login(Login(self.user, self._password, mechanism)))
+        if self.ctx.pools.verified(self.user, self._password):
+            # Known-good credentials (a live upstream connection was opened with them) are
+            # accepted at once, without a task: this is every PHP request after the first.
+            self._tune()
+        else:
+            self.run_paused(self._check_login(Login(self.user, self._password, mechanism)))
 
     async def _check_login(self, login: Login) -> None:
-        """Known-good credentials (a live upstream connection was opened with them) are
-        accepted at once; others are put to the broker on an upstream connection that stops
-        after Tune, which Connection.Open then completes (see Pools.login)."""
-        pools = self.ctx.pools
-        if not pools.verified(login.user, login.password):
-            self._login = pools.login(login)
-            try:
-                await asyncio.shield(self._login.task)
-            except UpstreamError as exc:
-                if exc.code == spec.ACCESS_REFUSED:
-                    self._refuse_login(exc)
-                    return
-                # Not a refusal (the broker is unreachable...): answered at Connection.Open,
-                # where clients expect it, not as if the login had been refused.
-                self._upstream_failure = exc
+        """Credentials not known to be good are put to the broker on an upstream connection
+        that stops after Tune, which Connection.Open then completes (see Pools.login)."""
+        self._login = self.ctx.pools.login(login)
+        try:
+            await asyncio.shield(self._login.task)
+        except UpstreamError as exc:
+            if exc.code == spec.ACCESS_REFUSED:
+                self._refuse_login(exc)
+                return
+            # Not a refusal (the broker is unreachable...): answered at Connection.Open,
+            # where clients expect it, not as if the login had been refused.
+            self._upstream_failure = exc
+        self._tune()
+
+    def _tune(self) -> None:
         self.send(self.ctx.connection_tune)
         self.phase = Phase.TUNE_OK
 
@@ -457,7 +462,7 @@ class ClientConnection(FramedProtocol):
         self.heartbeat = heartbeat
         self.phase = Phase.OPEN
 
-    async def _authenticate(self) -> None:
+    def _open(self) -> None:
         """Connection.Open: the client's pool must have a connection open on its vhost, or
         one is opened now (on the connection its login was checked on, if it has one)."""
         limit = self.settings.max_connections
@@ -469,8 +474,14 @@ class ClientConnection(FramedProtocol):
                 10, 40, kind=Disconnect.CONNECTION_LIMIT,
             )  # fmt: skip
             return
+        pool = self.ctx.pools.get((self.user, self._password, self.vhost))
+        if self._login is None and self._upstream_failure is None and pool.has_usable_connection:
+            self._opened(pool)  # the common case: no task, no pause in reading
+        else:
+            self.run_paused(self._authenticate(pool))
+
+    async def _authenticate(self, pool: Pool) -> None:
         pools = self.ctx.pools
-        pool = pools.get((self.user, self._password, self.vhost))
         tuned = self._login.claim() if self._login is not None else None
         self._release_login()
         try:
@@ -497,6 +508,9 @@ class ClientConnection(FramedProtocol):
         if self.phase is not Phase.OPENING:
             pools.forget_if_unused(pool)
             return
+        self._opened(pool)
+
+    def _opened(self, pool: Pool) -> None:
         self.pool = pool
         pool.clients += 1
         self.ctx.active_sessions += 1

@@ -66,11 +66,16 @@ class Pool:
         #: Re-sends under way (see `resend`): the pool is kept until they are done.
         self.resending = 0
 
+    @property
+    def has_usable_connection(self) -> bool:
+        """A pooled connection proves these credentials may open this vhost."""
+        return any(conn.is_usable for conn in self.connections)
+
     async def authenticate(self, tuned: UpstreamConnection | None = None) -> None:
         """Succeed when the broker lets these credentials open this vhost (a pooled
         connection proves it). `tuned`: a connection whose login the broker accepted, to
         open the vhost on rather than asking the broker to check the login again."""
-        if any(conn.is_usable for conn in self.connections):
+        if self.has_usable_connection:
             if tuned is not None:
                 tuned.abort()
             return
@@ -367,9 +372,7 @@ class Pools:
     def verified(self, user: str, password: str) -> bool:
         """A live upstream connection was opened with exactly these credentials."""
         return any(
-            pool.user == user
-            and pool.password == password
-            and any(conn.is_usable for conn in pool.connections)
+            pool.user == user and pool.password == password and pool.has_usable_connection
             for pool in self._pools.values()
         )
 

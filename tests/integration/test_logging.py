@@ -8,7 +8,7 @@ import re
 import pytest
 from pamqp import commands
 
-from tests.support.proxy import ProxyProcess
+from tests.support.proxy import ProxyProcess, worker_processes
 from tests.support.raw_client import RawClient
 from tests.support.targets import ProxyFactory
 
@@ -47,3 +47,23 @@ def test_logs_client_connect_disconnect_and_upstream_open(proxy_factory: ProxyFa
     assert re.sub(r"\d", "#", clean) != re.sub(r"\d", "#", dropped), (
         f"the same disconnect line for a clean close and a dropped socket: {clean!r}"
     )
+
+
+def test_each_line_carries_the_pid_of_the_process_that_wrote_it(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The pid is read once per process (not per line): a worker's lines must still carry
+    its own pid, not the master's it was forked from."""
+    p = proxy_factory("--workers", "2", direct_ok=False)
+    assert isinstance(p, ProxyProcess)
+    assert p.proc is not None
+    master = p.proc.pid
+    workers = {w.pid for w in worker_processes(p)}
+    assert len(workers) == 2
+    with RawClient(p.host, p.port) as c:
+        port = c.sock.getsockname()[1]
+        assert "open_ok" in c.handshake()
+    line = p.wait_log(about_port(port, "disconnect"), flags=re.I | re.M).group(0)
+    assert int(re.search(r"\[(\d+)\]", line).group(1)) in workers  # type: ignore[union-attr]
+    started = p.wait_log(r"^.*worker \d+ started \(pid \d+\).*$", flags=re.M).group(0)
+    assert int(re.search(r"\[(\d+)\]", started).group(1)) == master  # type: ignore[union-attr]
