@@ -111,10 +111,31 @@ def check_table(data: bytes | memoryview, pos: int, end: int) -> None:
             stack.append((tag == _TABLE, pos + length))
 
 
+#: Arguments of recently read small methods, by method and payload: a PHP-FPM client sends
+#: the same StartOk, TuneOk, Open, Channel.Open, Qos and closes as the request before it.
+_RECENT: dict[tuple[int, bytes], tuple[Any, ...]] = {}
+_RECENT_ENTRIES: Final = 256
+_RECENT_PAYLOAD: Final = 512
+
+
 def method_arguments(index: int, payload: bytes | memoryview) -> list[Any]:
     """A known method's arguments in wire order: bits as bools, numbers as ints, short
     strings as str (bytes that are not UTF-8 survive as surrogates), long strings as bytes,
     tables as the (start, end) of their entries in the payload, checked but not decoded."""
+    if len(payload) > _RECENT_PAYLOAD:
+        return _read_arguments(index, payload)
+    key = (index, bytes(payload))
+    known = _RECENT.get(key)
+    if known is not None:
+        return list(known)
+    values = _read_arguments(index, payload)  # raises for what the broker refuses
+    if len(_RECENT) >= _RECENT_ENTRIES:
+        _RECENT.clear()
+    _RECENT[key] = tuple(values)
+    return values
+
+
+def _read_arguments(index: int, payload: bytes | memoryview) -> list[Any]:
     values: list[Any] = []
     tables: list[tuple[int, int]] = []
     utf8 = index not in _CONTENT_METHODS

@@ -137,6 +137,24 @@ def test_method_arguments_as_rabbitmq_reads_them() -> None:
     assert err.value.code == validate.DROP
 
 
+def test_method_arguments_read_again_are_the_same_and_errors_stay_errors() -> None:
+    """Small payloads read before are answered from a cache: the same values (a list the
+    caller may change without changing the next answer), the same error every time, and a
+    cache that does not grow without bound."""
+    declare = methods.encode_method(1, commands.Queue.Declare(queue="q2", durable=True))[7:-1]
+    first = validate.method_arguments(spec.QUEUE_DECLARE, declare)
+    first.append("changed")
+    again = validate.method_arguments(spec.QUEUE_DECLARE, memoryview(declare))
+    assert again == first[:-1] and again[1:3] == ["q2", False]
+    for _ in range(2):
+        with pytest.raises(FrameError):
+            validate.method_arguments(spec.QUEUE_DECLARE, declare + b"\x00")
+    for n in range(3 * validate._RECENT_ENTRIES):
+        qos = struct.pack(">IIHB", spec.BASIC_QOS, 0, n, 0)
+        assert validate.method_arguments(spec.BASIC_QOS, qos) == [0, n, False]
+    assert len(validate._RECENT) <= validate._RECENT_ENTRIES
+
+
 def test_long_reply_texts_are_cut_as_rabbitmq_cuts_them() -> None:
     assert frames.amqp_error_text("x" * 255) == "x" * 255
     assert frames.amqp_error_text("x" * 300) == "x" * 252 + "..."
