@@ -35,6 +35,7 @@ CONSUME_QUEUE = "bench.consume"
 CYCLE_QUEUE = "bench.cycle"
 #: Publish targets keep at most this much (drop-head): the broker still enqueues every message.
 QUEUE_LIMITS = {"x-max-length": 20000, "x-max-length-bytes": 64 << 20}
+#: The second proxy config: one worker per CPU (the proxy's own default is one per two).
 DEFAULT_WORKERS = os.cpu_count() or 1
 STORM_CONNECTIONS = 5000
 

@@ -4,8 +4,8 @@
     python benchmarks/run.py --quick         # shorter runs, 1 run each (< 2 min)
     python benchmarks/run.py -s php_loopback -s pub_1c_100b --profile /tmp/prof
 
-Each scenario runs directly against RabbitMQ and through the proxy with 1 worker and with the
-default worker count (one per CPU), interleaved in the same invocation (run 1 of each config,
+Each scenario runs directly against RabbitMQ and through the proxy with 1 worker and with
+one worker per CPU, interleaved in the same invocation (run 1 of each config,
 then run 2 of each, ...), so the ratio proxy/direct compares runs made under the same load on
 this shared machine. The proxy's CPU is measured with psutil on the master and its workers
 (cpu_times before and after each run). Everything happens in the vhost `amqproxy-bench`,
@@ -49,6 +49,8 @@ from bench import (
 )
 from scenarios import SCENARIOS
 
+from amqproxy_mp.config.model import default_workers
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -62,7 +64,8 @@ def render(rows: list[Row], bench: Bench, elapsed: float) -> str:
     mode = "quick" if bench.quick else "full"
     lines = [
         f"amqproxy-mp benchmarks: medians of {bench.runs} run(s), {mode} mode, "
-        f"{os.cpu_count()} CPUs, proxy with 1 and {n} workers, {elapsed:.0f} s",
+        f"{os.cpu_count()} CPUs, proxy with 1 and {n} workers (its default here: "
+        f"{default_workers()}), {elapsed:.0f} s",
         f"proxy code: {bench.code}" + "".join(f", {k}={v}" for k, v in procs.PROXY_ENV.items()),
         "",
         head,

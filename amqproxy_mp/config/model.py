@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 
 class ConfigError(Exception):
@@ -83,8 +85,32 @@ class Config:
 
     @property
     def worker_count(self) -> int:
-        """`workers`, with 0 meaning one per CPU."""
-        return self.workers or os.cpu_count() or 1
+        """`workers`, with 0 meaning one per two CPUs (see default_workers)."""
+        return self.workers or default_workers()
+
+
+def default_workers(cpus: int | None = None) -> int:
+    """One worker per two CPUs this process may use, at least one. The proxy shares its host
+    with its clients (PHP-FPM beside it), and a worker more than the cores left over costs
+    more than it brings: on 2 cores, 2 workers spent about 1.5 x the CPU per connection cycle
+    of 1 worker and served a third fewer cycles (docs/performance.md)."""
+    return max(1, (available_cpus() if cpus is None else cpus) // 2)
+
+
+def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may run on (its affinity, e.g. a cpuset or taskset), capped by a
+    cgroup v2 CPU quota (docker --cpus, a Kubernetes limit), which os.cpu_count() ignores."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return cpus
 
 
 @dataclass(frozen=True)

@@ -429,10 +429,10 @@ OPTIONS: tuple[Option, ...] = (
         metavar="FILE", default_text="none (stderr)",
     ),
     _opt(
-        "workers", _int_in(0, 1024), "an integer 0..1024 (0: one per CPU)",
+        "workers", _int_in(0, 1024), "an integer 0..1024 (0: one per two CPUs)",
         help="worker processes, each accepting on the listen port with its own pools",
         metavar="N", flags=("-w", "--workers"), yaml_types=(int,),
-        default_text="0 (the number of CPUs)",
+        default_text="0 (one per two CPUs the process may use, at least one)",
     ),
     _opt(
         "worker_timeout", _seconds(minimum=1.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from amqproxy_mp.config import (
     Upstream,
     format_config,
 )
+from amqproxy_mp.config.model import available_cpus, default_workers
 from tests.unit.config_support import URL, error_of, load, write
 
 # --- the table -------------------------------------------------------------------------------
@@ -504,3 +506,31 @@ def test_format_config_keeps_full_precision() -> None:
     assert rows["idle_connection_timeout"] == "1234567.25"
     assert rows["upstream_connect_timeout"] == "0.1"
     assert rows["client_handshake_timeout"] == "10"
+
+
+def test_default_workers_are_one_per_two_cpus_and_at_least_one() -> None:
+    assert [default_workers(cpus) for cpus in (1, 2, 3, 4, 5, 16)] == [1, 1, 1, 2, 2, 8]
+    upstream = Upstream("amqp", "broker.example.com", 5672)
+    assert Config(upstream, workers=0).worker_count == default_workers()
+    assert Config(upstream, workers=3).worker_count == 3
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("150000 100000\n", 2),  # docker --cpus=1.5: 2 cores' worth, at most
+        ("50000 100000\n", 1),
+        ("max 100000\n", None),  # no quota
+        ("garbage", None),
+        (None, None),  # no cgroup v2 file
+    ],
+)
+def test_available_cpus_follow_affinity_and_a_cgroup_quota(
+    tmp_path: Path, cpu_max: str | None, expected: int | None
+) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    want = affinity if expected is None else min(affinity, expected)
+    assert available_cpus(path) == want
