@@ -20,8 +20,10 @@ USER amqproxy:amqproxy
 # other containers); a config file or -l overrides it. HTTP (/healthz, /metrics, /pools, which
 # names users and vhosts) stays on the container's loopback, where the HEALTHCHECK below
 # reaches it; set HTTP_ADDRESS=0.0.0.0 to publish it (see docs/security.md).
+# PYTHONMALLOC=malloc: memory a storm of connections took is given back (docs/operations.md).
 ENV LISTEN_ADDRESS=0.0.0.0 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/amqproxy-metrics \
+    PYTHONMALLOC=malloc \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 EXPOSE 5673 15673

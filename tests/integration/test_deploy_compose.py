@@ -159,6 +159,8 @@ def test_dockerfile_runtime_image() -> None:
     user = final["USER"].split(":")[0]
     assert user not in ("root", "0"), "the image must not run as root"
     assert final["STOPSIGNAL"] == "SIGTERM"
+    env = dict(pair.partition("=")[::2] for pair in shlex.split(final["ENV"]))
+    assert env["PYTHONMALLOC"] == "malloc"  # memory given back after storms
     assert {"5673", "15673"} <= set(final["EXPOSE"].split())
     assert "HEALTHCHECK" in final and "/healthz" in final["HEALTHCHECK"]
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]

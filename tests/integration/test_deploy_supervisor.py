@@ -63,6 +63,7 @@ def test_program_section_fits_the_graceful_shutdown() -> None:
     assert program.getboolean("autorestart") is True
     assert program["command"] == "/opt/amqproxy/bin/amqproxy --config /etc/amqproxy/amqproxy.ini"
     assert program["stdout_logfile"] and program.getboolean("redirect_stderr")
+    assert program["environment"] == 'PYTHONMALLOC="malloc"'  # memory given back after storms
     config = load_config(["--config", str(EXAMPLE_INI)], {}).config
     drain = config.term_client_close_timeout + config.term_timeout
     assert config.term_timeout >= 0 and int(program["stopwaitsecs"]) >= drain + 5, (

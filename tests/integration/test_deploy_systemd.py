@@ -181,8 +181,13 @@ def test_unit_settings_fit_the_proxy_and_the_example_config() -> None:
         f"TimeoutStopSec={unit_value('TimeoutStopSec')} leaves no margin over "
         f"term_client_close_timeout + term_timeout = {drain:g} s"
     )
-    metrics_dir = unit_value("Environment").partition("=")[2]
-    assert metrics_dir.startswith(f"/run/{unit_value('RuntimeDirectory')}/")
+    environment = dict(
+        v.partition("=")[::2] for s, k, v in unit_entries() if s == "Service" and k == "Environment"
+    )
+    assert environment["PROMETHEUS_MULTIPROC_DIR"].startswith(
+        f"/run/{unit_value('RuntimeDirectory')}/"
+    )
+    assert environment["PYTHONMALLOC"] == "malloc"  # memory given back after storms
 
 
 def test_example_config_passes_check_config() -> None:
