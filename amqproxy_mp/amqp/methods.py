@@ -8,6 +8,7 @@ them as the broker does; frames from the broker are decoded with pamqp.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from pamqp import commands
@@ -71,19 +72,26 @@ def passive_exchange_declare(channel: int, exchange: bytes) -> bytes:
     return frame(METHOD, channel, payload)
 
 
-def client_capabilities(start_ok_arguments: list[object], payload: bytes | memoryview) -> set[str]:
+def client_capabilities(
+    start_ok_arguments: list[object], payload: bytes | memoryview
+) -> frozenset[str]:
     """The capabilities a client announced as true in Connection.StartOk's client_properties."""
     properties = start_ok_arguments[0]
     assert isinstance(properties, tuple)
     start, end = properties
+    return _capabilities(bytes(payload), start, end)
+
+
+@functools.lru_cache(maxsize=64)  # each client library sends the same StartOk every time
+def _capabilities(payload: bytes, start: int, end: int) -> frozenset[str]:
     for key, tag, value_start, value_end in table_entries(payload, start, end):
         if key == b"capabilities" and tag == ord("F"):
-            return {
+            return frozenset(
                 name.decode("utf-8", "replace")
                 for name, ctag, at, _ in table_entries(payload, value_start + 4, value_end)
                 if ctag == ord("t") and payload[at]
-            }
-    return set()
+            )
+    return frozenset()
 
 
 class WrongSaslType(ValueError):

@@ -78,7 +78,7 @@ class ClientConnection(FramedProtocol):
         self.user = ""
         self.vhost = ""
         self._password = ""
-        self.capabilities: set[str] = set()
+        self.capabilities: frozenset[str] = frozenset()
         self.pool: Pool | None = None
         #: The broker's check of this client's login, until its Connection.Open.
         self._login: PendingLogin | None = None

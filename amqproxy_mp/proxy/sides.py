@@ -7,7 +7,7 @@ back as `Any`: this module sits below channels.py, which implements them.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from typing import Any, Protocol
 
 from amqproxy_mp.metrics import Disconnect, Stats
@@ -18,7 +18,9 @@ class ClientSide(Protocol):
     """A client session, as its channels and its upstream connection see it."""
 
     peer: str
-    capabilities: set[str]
+
+    @property
+    def capabilities(self) -> Set[str]: ...
 
     def send(self, data: bytes) -> None: ...
 
