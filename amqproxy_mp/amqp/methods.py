@@ -79,12 +79,12 @@ def client_capabilities(
     properties = start_ok_arguments[0]
     assert isinstance(properties, tuple)
     start, end = properties
-    return _capabilities(bytes(payload), start, end)
+    return _capabilities(bytes(payload[start:end]))
 
 
-@functools.lru_cache(maxsize=64)  # each client library sends the same StartOk every time
-def _capabilities(payload: bytes, start: int, end: int) -> frozenset[str]:
-    for key, tag, value_start, value_end in table_entries(payload, start, end):
+@functools.lru_cache(maxsize=64)  # each client library sends the same properties every time
+def _capabilities(payload: bytes) -> frozenset[str]:
+    for key, tag, value_start, value_end in table_entries(payload, 0, len(payload)):
         if key == b"capabilities" and tag == ord("F"):
             return frozenset(
                 name.decode("utf-8", "replace")

@@ -67,15 +67,14 @@ class FramedProtocol(asyncio.Protocol):
     def _parse(self) -> None:
         buf = self._buf
         pos = 0
-        # RabbitMQ lets a payload reach frame_max itself (not frame_max - 8): "quite a few
-        # clients get it wrong"
-        size_limit = self.frame_max
         view = memoryview(buf)
         try:
             end_of_data = len(buf)
             while end_of_data - pos >= HEADER_SIZE and not self.closed:
                 frame_type, channel, size = FRAME_HEADER.unpack_from(buf, pos)
-                if size > size_limit:
+                # RabbitMQ lets a payload reach frame_max itself (not frame_max - 8): "quite a
+                # few clients get it wrong". (Read per frame: a TuneOk in this read raises it.)
+                if size > self.frame_max:
                     raise FrameError(
                         FRAME_ERROR,
                         f"FRAME_ERROR - {frame_snippet(frame_type, b'')}: "

@@ -112,17 +112,25 @@ def check_table(data: bytes | memoryview, pos: int, end: int) -> None:
 
 
 #: Arguments of recently read small methods, by method and payload: a PHP-FPM client sends
-#: the same StartOk, TuneOk, Open, Channel.Open, Qos and closes as the request before it.
+#: the same TuneOk, Open, Channel.Open, Qos and closes as the request before it. Methods that
+#: carry credentials are never kept (a refused password would stay in memory); of those, the
+#: field table that costs the time (StartOk's client properties) is kept in _CHECKED_TABLES.
 _RECENT: dict[tuple[int, bytes], tuple[Any, ...]] = {}
 _RECENT_ENTRIES: Final = 256
 _RECENT_PAYLOAD: Final = 512
+_SECRET_METHODS: Final = frozenset(
+    (commands.Connection.StartOk.index, commands.Connection.SecureOk.index,
+     commands.Connection.UpdateSecret.index)
+)  # fmt: skip
+#: Field tables of at most _RECENT_PAYLOAD bytes that passed check_table.
+_CHECKED_TABLES: set[bytes] = set()
 
 
 def method_arguments(index: int, payload: bytes | memoryview) -> list[Any]:
     """A known method's arguments in wire order: bits as bools, numbers as ints, short
     strings as str (bytes that are not UTF-8 survive as surrogates), long strings as bytes,
     tables as the (start, end) of their entries in the payload, checked but not decoded."""
-    if len(payload) > _RECENT_PAYLOAD:
+    if len(payload) > _RECENT_PAYLOAD or index in _SECRET_METHODS:
         return _read_arguments(index, payload)
     key = (index, bytes(payload))
     known = _RECENT.get(key)
@@ -194,10 +202,17 @@ def _read_arguments(index: int, payload: bytes | memoryview) -> list[Any]:
     if malformed_utf8:
         raise FrameError(FRAME_ERROR, "FRAME_ERROR - Malformed UTF-8 in shortstr")
     for start, stop in tables:
+        table = bytes(payload[start:stop]) if stop - start <= _RECENT_PAYLOAD else None
+        if table is not None and table in _CHECKED_TABLES:
+            continue
         try:
             check_table(payload, start, stop)
         except (_Undecodable, IndexError, struct.error):
             raise FrameError(DROP, "field table RabbitMQ cannot parse") from None
+        if table is not None:
+            if len(_CHECKED_TABLES) >= _RECENT_ENTRIES:
+                _CHECKED_TABLES.clear()
+            _CHECKED_TABLES.add(table)
     return values
 
 

@@ -474,14 +474,22 @@ class ClientConnection(FramedProtocol):
                 10, 40, kind=Disconnect.CONNECTION_LIMIT,
             )  # fmt: skip
             return
-        pool = self.ctx.pools.get((self.user, self._password, self.vhost))
-        if self._login is None and self._upstream_failure is None and pool.has_usable_connection:
+        pool = self.ctx.pools.find((self.user, self._password, self.vhost))
+        if (
+            pool is not None
+            and pool.has_usable_connection
+            and self._login is None
+            and self._upstream_failure is None
+        ):
             self._opened(pool)  # the common case: no task, no pause in reading
         else:
-            self.run_paused(self._authenticate(pool))
+            self.run_paused(self._authenticate())
 
-    async def _authenticate(self, pool: Pool) -> None:
+    async def _authenticate(self) -> None:
         pools = self.ctx.pools
+        # (looked up, or made, in the step that uses it: a pool got earlier could have been
+        # forgotten as unused meanwhile, and a connection opened on it would be nobody's)
+        pool = pools.get((self.user, self._password, self.vhost))
         tuned = self._login.claim() if self._login is not None else None
         self._release_login()
         try:

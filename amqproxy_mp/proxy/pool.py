@@ -384,6 +384,9 @@ class Pools:
         pending.holders += 1
         return pending
 
+    def find(self, credentials: Credentials) -> Pool | None:
+        return self._pools.get(credentials)
+
     def get(self, credentials: Credentials) -> Pool:
         pool = self._pools.get(credentials)
         if pool is None:

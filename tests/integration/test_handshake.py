@@ -176,3 +176,51 @@ def test_tune_ok_values_are_taken_or_refused_as_the_broker_does(
     assert tune_outcome(proxy, channel_max, frame_max) == direct
     acceptable = (channel_max, frame_max) in ((1, 4096), (2047, 131072))
     assert (direct == "OpenOk") == acceptable, direct
+
+
+def test_a_large_frame_pipelined_behind_the_handshake_is_taken(proxy: Target, names: Names) -> None:
+    """A client that sends TuneOk, Open, Channel.Open and a publish whose body frame exceeds
+    the 4 096 bytes allowed before Tune, all in one write: the broker applies the frame_max
+    of the TuneOk to the frames after it, and so must the proxy, which answers the Open of
+    known credentials at once (without pausing) and so reads them in the same pass."""
+    import pika
+    from pamqp import body as pbody
+    from pamqp import frame as pframe
+    from pamqp import header
+
+    queue = names.queue("pipelined")
+    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    conn.channel().queue_declare(queue)
+    conn.close()
+    message = bytes(range(256)) * 20  # 5 120 bytes: one body frame over 4 096
+    with RawClient(proxy.host, proxy.port) as known:
+        assert "open_ok" in known.handshake()  # these credentials have a live pool now
+        with RawClient(proxy.host, proxy.port) as c:
+            c.send_raw(AMQP_HEADER)
+            assert isinstance(c.read_method()[1], commands.Connection.Start)
+            c.send(commands.Connection.StartOk({"product": "pipelined"}, "PLAIN", "\0guest\0guest"))
+            _, tune = c.read_method()
+            assert isinstance(tune, commands.Connection.Tune) and tune.frame_max >= 8192
+            c.send_raw(
+                pframe.marshal(commands.Connection.TuneOk(tune.channel_max, 8192, 0), 0)
+                + pframe.marshal(commands.Connection.Open("/"), 0)
+                + pframe.marshal(commands.Channel.Open(), 1)
+                + pframe.marshal(commands.Basic.Publish(exchange="", routing_key=queue), 1)
+                + pframe.marshal(
+                    header.ContentHeader(0, len(message), commands.Basic.Properties()), 1
+                )
+                + pframe.marshal(pbody.ContentBody(message), 1)
+                + pframe.marshal(commands.Channel.Close(200, "done", 0, 0), 1)
+            )
+            replies = [c.read_method() for _ in range(3)]
+            assert [(ch, type(m)) for ch, m in replies] == [
+                (0, commands.Connection.OpenOk),
+                (1, commands.Channel.OpenOk),
+                (1, commands.Channel.CloseOk),
+            ], replies
+    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    try:
+        method, _, body = conn.channel().basic_get(queue, auto_ack=True)
+        assert method is not None and body == message
+    finally:
+        conn.close()

@@ -155,6 +155,25 @@ def test_method_arguments_read_again_are_the_same_and_errors_stay_errors() -> No
     assert len(validate._RECENT) <= validate._RECENT_ENTRIES
 
 
+def test_methods_with_credentials_are_never_kept() -> None:
+    """A StartOk is read afresh every time (a refused password would otherwise stay in the
+    cache); only its client-properties table, which holds no credentials, is remembered."""
+    start_ok = methods.encode_method(
+        0, commands.Connection.StartOk({"product": "x"}, "PLAIN", "\0user\0secret-pw", "en_US")
+    )[7:-1]
+    values = validate.method_arguments(spec.CONNECTION_START_OK, start_ok)
+    assert values[1:3] == ["PLAIN", b"\0user\0secret-pw"]
+    assert not any(b"secret-pw" in key for _, key in validate._RECENT)
+    assert not any(b"secret-pw" in table for table in validate._CHECKED_TABLES)
+    start, end = values[0]
+    assert bytes(start_ok[start:end]) in validate._CHECKED_TABLES
+    unreadable = start_ok.replace(b"productS", b"productU", 1)  # a tag the broker lacks
+    for _ in range(2):  # a table that failed is not remembered as checked
+        with pytest.raises(FrameError) as err:
+            validate.method_arguments(spec.CONNECTION_START_OK, unreadable)
+        assert err.value.code == validate.DROP
+
+
 def test_long_reply_texts_are_cut_as_rabbitmq_cuts_them() -> None:
     assert frames.amqp_error_text("x" * 255) == "x" * 255
     assert frames.amqp_error_text("x" * 300) == "x" * 252 + "..."
