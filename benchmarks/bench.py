@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -142,8 +143,9 @@ class Bench:
         self._broker = _broker_process()
         self.profile_dir: Path | None = Path(args.profile) if args.profile else None
         self.code = code_version()
-        #: `--baseline REF`: that release's code, checked out beside this one, measured as a
-        #: fourth config ("w1 REF", 1 worker), so that before and after share one run.
+        #: `--baseline REF`: that release's code, checked out beside this one (run.py measures
+        #: it as a fourth config, "w1 REF", 1 worker, so that before and after share one run;
+        #: confirms.py as its "before").
         self.baseline: tuple[str, Path] | None = None
         if getattr(args, "baseline", None):
             worktree = Path(tempfile.mkdtemp(prefix="amqproxy-baseline-"))
@@ -197,6 +199,7 @@ class Bench:
             worktree = self.baseline[1]
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)],
                            cwd=procs.REPO, capture_output=True)  # fmt: skip
+            shutil.rmtree(worktree, ignore_errors=True)
         with contextlib.suppress(Exception):
             self.loop.close()
 

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,12 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish-only", action="store_true", help="only the publish figures")
     args = parser.parse_args(argv)
     args.profile = None
-    ref = args.baseline or baseline_ref()
-    worktree = Path(tempfile.mkdtemp(prefix="amqproxy-baseline-"))
-    subprocess.run(["git", "worktree", "add", "--detach", "-f", str(worktree), ref],
-                   cwd=procs.REPO, check=True, capture_output=True)  # fmt: skip
+    args.baseline = args.baseline or baseline_ref()
     procs.ensure_vhost(VHOST, USER)
-    bench = Bench(args)
+    bench = Bench(args)  # (it checks the baseline out, and removes it in close)
+    assert bench.baseline is not None
+    ref, worktree = bench.baseline
     out: list[str] = [f"baseline: {ref} (worktree {worktree}); now: {bench.code}"]
     try:
         prepare_broker(bench)
@@ -201,9 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         bench.close()
         procs.stop_all()
         procs.delete_vhost(VHOST)
-        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)],
-                       cwd=procs.REPO, capture_output=True)  # fmt: skip
-        shutil.rmtree(worktree, ignore_errors=True)
         print("\n".join(out))  # (what was measured, also when a later part failed)
     return 0
 
